@@ -1,0 +1,129 @@
+"""Layer 2: argument checks, the autograd Function, and ``batch_norm`` with
+``torch.nn.functional.batch_norm``'s signature.
+
+Every check runs before any kernel, so a bad call never leaves running statistics
+half-updated. CUDA tensors run the Triton kernels; CPU tensors run them through Triton's
+interpreter when ``TRITON_INTERPRET=1`` and otherwise fall back to torch's own batch_norm.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .kernels import bn_backward, bn_forward_eval, bn_forward_train
+from .kernels.tuning import interpreting
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def uses_kernels(x: torch.Tensor) -> bool:
+    """Whether ``x`` runs through the Triton kernels (vs. torch's fallback)."""
+    return x.is_cuda or (x.device.type == "cpu" and interpreting())
+
+
+def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{input.dtype}'")
+    if training:
+        size = input.shape
+        per_channel = size[0]
+        for s in size[2:]:
+            per_channel *= s
+        if per_channel == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training and (running_mean is None or running_var is None):
+        name = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{name} must be defined in evaluation mode")
+    C = input.shape[1]
+    params = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for name, t in params.items():
+        if t is None:
+            continue
+        if t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+        if t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
+                               f"{t.device} and input is on {input.device}")
+    dtypes = {t.dtype for t in params.values() if t is not None}
+    allowed = {input.dtype, torch.float32} if input.dtype in _HALF_DTYPES else {input.dtype}
+    if len(dtypes) > 1 or not dtypes <= allowed:
+        got = ", ".join(f"{n}={t.dtype}" for n, t in params.items() if t is not None)
+        raise RuntimeError(f"mixed dtype: batch_norm parameters and running statistics must share one "
+                           f"dtype, the input's ({input.dtype})"
+                           + (" or float32" if input.dtype in _HALF_DTYPES else "") + f"; got {got}")
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = BN(x; weight, bias); running statistics are updated in place (training)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                num_batches_tracked):
+        if training:
+            y, mean, stat = bn_forward_train(input, weight, bias, running_mean, running_var,
+                                             momentum, eps, num_batches_tracked)
+        else:
+            y = bn_forward_eval(input, weight, bias, running_mean, running_var, eps)
+            mean, stat = running_mean, running_var
+        ctx.save_for_backward(input, weight, mean, stat)
+        ctx.training, ctx.eps = training, eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, mean, stat = ctx.saved_tensors
+        dx, dw, db = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training,
+                                 ctx.needs_input_grad[:3])
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def _contiguous_param(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """batch_norm, plus ``num_batches_tracked``: a device counter (already incremented) whose
+    reciprocal replaces ``momentum`` (the modules' momentum=None), with no host sync."""
+    if input.dim() < 2 or input.numel() == 0 or not uses_kernels(input):
+        # Nothing to compute (torch's own semantics for empty and 1-D input: no statistics
+        # update, a differentiable empty output), or no Triton backend for this device.
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    update = training and running_mean is not None and running_var is not None
+    rm = _contiguous_param(running_mean) if update or not training else None
+    rv = _contiguous_param(running_var) if update or not training else None
+    y = BatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(bias), rm, rv,
+                                training, float(momentum), float(eps), num_batches_tracked)
+    if update:
+        # Non-contiguous running buffers were updated on a contiguous copy: write it back.
+        for buffer, updated in ((running_mean, rm), (running_var, rv)):
+            if updated.data_ptr() != buffer.data_ptr():
+                buffer.copy_(updated.view_as(buffer))
+    return y
+
+
+def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+               weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.batch_norm`` computed by the Triton kernels.
+
+    Same arguments, semantics and errors: batch statistics when ``training`` (running
+    statistics, if given, updated in place with ``momentum``), running statistics otherwise.
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -1,0 +1,206 @@
+"""Backward: per-channel reductions in two passes, then a fused elementwise dx.
+
+With xhat = (x - mean) * invstd and a = gamma * invstd:
+
+    dbeta_c  = sum dy                  dgamma_c = sum dy * xhat = invstd * sum dy * (x - mean)
+    training: dx = a * (dy - dbeta_c / M - xhat * dgamma_c / M)
+            = a * dy - a * invstd^2 * (sum dy (x - mean)) / M * (x - mean) - a * (sum dy) / M
+    eval:     dx = a * dy   (mean and invstd are the running statistics, constants)
+
+Pass 1 writes per-split float partial sums (the same split of the domain as the forward
+statistics), pass 2 adds them in a fixed order — bitwise reproducible, no atomics — and
+writes dgamma, dbeta. dx keeps (x - mean) explicit for the same reason as the forward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .helpers import (_along_channel_axis, _load_channel_param, _load_channel_stats, _row_offsets,
+                      _split_bounds)
+from .normalize import elementwise_grid
+from .stats import acc_dtype, tl_dtype
+from .tuning import autotune_tiles, stats_splits
+from .view import NQKView, nqk_view
+
+
+@autotune_tiles()
+@triton.jit
+def _bn_backward_partial_kernel(
+    x_ptr, dy_ptr,  # [N, Q, K] views, strides {x,dy}_{n,q,k}_stride
+    mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
+    partial_ptr,  # [2, P, C] out: sum dy, sum dy * (x - mean) per split (ACC_DTYPE)
+    N, Q, K, C,
+    x_n_stride, x_q_stride, x_k_stride,
+    dy_n_stride, dy_q_stride, dy_k_stride,
+    rows_per_split, cols_per_split, splits_k,
+    partial_field_stride,  # P * C
+    CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    row_lo, row_hi, col_lo, col_hi = _split_bounds(pid_c, pid_split, N, Q, K, rows_per_split,
+                                                   cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K)
+    if CHANNELS_LAST:
+        channels = col_lo + tl.arange(0, BLOCK_K)
+        mean = tl.load(mean_ptr + channels, mask=channels < K, other=0.0).to(ACC_DTYPE)[None, :]
+    else:
+        mean = tl.load(mean_ptr + pid_c).to(ACC_DTYPE)
+    sum_dy = tl.zeros([BLOCK_K], ACC_DTYPE)
+    sum_dy_xmu = tl.zeros([BLOCK_K], ACC_DTYPE)
+    for col0 in range(col_lo, col_hi, BLOCK_K):
+        cols = (col0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        for row0 in range(row_lo, row_hi, BLOCK_R):
+            rows = row0 + tl.arange(0, BLOCK_R)
+            valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
+            x_offsets = _row_offsets(rows, pid_c, Q, x_n_stride, x_q_stride, CHANNELS_LAST)[:, None] \
+                + (cols * x_k_stride)[None, :]
+            dy_offsets = _row_offsets(rows, pid_c, Q, dy_n_stride, dy_q_stride, CHANNELS_LAST)[:, None] \
+                + (cols * dy_k_stride)[None, :]
+            x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
+            dy = tl.load(dy_ptr + dy_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
+            sum_dy += tl.sum(dy, 0)
+            sum_dy_xmu += tl.sum(dy * (x - mean), 0)  # masked dy is 0, so masked lanes add 0
+    out = partial_ptr + pid_split * C
+    if CHANNELS_LAST:
+        channels = col_lo + tl.arange(0, BLOCK_K)
+        tl.store(out + channels, sum_dy, mask=channels < K)
+        tl.store(out + partial_field_stride + channels, sum_dy_xmu, mask=channels < K)
+    else:
+        tl.store(out + pid_c, tl.sum(sum_dy, 0))
+        tl.store(out + partial_field_stride + pid_c, tl.sum(sum_dy_xmu, 0))
+
+
+@triton.jit
+def _bn_backward_combine_kernel(
+    partial_ptr,  # [2, P, C] per-split sums
+    P, C,
+    mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
+    sums_ptr,  # [2, C] out: sum dy, sum dy * (x - mean)
+    grad_weight_ptr, grad_bias_ptr,  # [C] out (HAS_GRAD_WEIGHT, HAS_GRAD_BIAS), parameter dtype
+    eps,
+    STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    acc_dtype = partial_ptr.dtype.element_ty
+    sum_dy = tl.zeros([BLOCK_C], acc_dtype)
+    sum_dy_xmu = tl.zeros([BLOCK_C], acc_dtype)
+    for p0 in range(0, P, BLOCK_P):
+        splits = p0 + tl.arange(0, BLOCK_P)
+        mask = (splits < P)[:, None] & channel_mask[None, :]
+        offsets = splits[:, None].to(tl.int64) * C + channels[None, :]
+        sum_dy += tl.sum(tl.load(partial_ptr + offsets, mask=mask, other=0.0), 0)
+        sum_dy_xmu += tl.sum(tl.load(partial_ptr + P * C + offsets, mask=mask, other=0.0), 0)
+    tl.store(sums_ptr + channels, sum_dy, mask=channel_mask)
+    tl.store(sums_ptr + C + channels, sum_dy_xmu, mask=channel_mask)
+    if HAS_GRAD_WEIGHT:
+        _, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, acc_dtype)
+        tl.store(grad_weight_ptr + channels, (sum_dy_xmu * invstd).to(grad_weight_ptr.dtype.element_ty),
+                 mask=channel_mask)
+    if HAS_GRAD_BIAS:
+        tl.store(grad_bias_ptr + channels, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=channel_mask)
+
+
+@autotune_tiles()
+@triton.jit
+def _bn_backward_dx_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # [N, Q, K] views, strides {x,dy,dx}_{n,q,k}_stride
+    mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
+    weight_ptr,  # [C] gamma (HAS_WEIGHT)
+    sums_ptr,  # [2, C] sum dy, sum dy * (x - mean) (TRAINING)
+    N, Q, K, C,
+    x_n_stride, x_q_stride, x_k_stride,
+    dy_n_stride, dy_q_stride, dy_k_stride,
+    dx_n_stride, dx_q_stride, dx_k_stride,
+    inv_count, eps,  # 1 / M, M the elements per channel of the (global) batch
+    TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(K, BLOCK_K)
+    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % col_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < N * Q
+    col_mask = cols < K
+    if CHANNELS_LAST:
+        channels, channel_mask = cols, col_mask
+    else:
+        channels, channel_mask = rows % Q, row_mask
+    mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
+    a = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    cols64 = cols.to(tl.int64)
+    dy_offsets = _row_offsets(rows, 0, Q, dy_n_stride, dy_q_stride, True)[:, None] + (cols64 * dy_k_stride)[None, :]
+    dx_offsets = _row_offsets(rows, 0, Q, dx_n_stride, dx_q_stride, True)[:, None] + (cols64 * dx_k_stride)[None, :]
+    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    dx = dy * _along_channel_axis(a, CHANNELS_LAST)
+    if TRAINING:
+        sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+        sum_dy_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+        k_xmu = -a * invstd * invstd * sum_dy_xmu * inv_count
+        k_0 = -a * sum_dy * inv_count
+        x_offsets = _row_offsets(rows, 0, Q, x_n_stride, x_q_stride, True)[:, None] + (cols64 * x_k_stride)[None, :]
+        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        xmu = x - _along_channel_axis(mean, CHANNELS_LAST)
+        dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST) + _along_channel_axis(k_0, CHANNELS_LAST)
+    tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
+                       weight: Optional[torch.Tensor] = None, eps: float = 0.0, stat_is_var: bool = False,
+                       grad_weight: bool = True, grad_bias: bool = True, splits: Optional[int] = None):
+    """Per-channel (sums [2, C] = (sum dy, sum dy (x - mean)), dgamma or None, dbeta or None)."""
+    x = view.tensor
+    C = view.C
+    dy_view = nqk_view(dy, view.channels_last)
+    split = stats_splits(view.N, view.Q, view.K, view.channels_last, x.device, splits)
+    partial = torch.empty((2, split.num, C), dtype=acc_dtype(x.dtype), device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(C, meta["BLOCK_K"]) if view.channels_last else C, split.num)
+
+    _bn_backward_partial_kernel[grid](
+        x, dy, mean, stat, partial, view.N, view.Q, view.K, C, *view.strides, *dy_view.strides,
+        split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
+        CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
+    )
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    sums = torch.empty((2, C), dtype=partial.dtype, device=x.device)
+    d_weight = torch.empty(C, dtype=param_dtype, device=x.device) if grad_weight else None
+    d_bias = torch.empty(C, dtype=param_dtype, device=x.device) if grad_bias else None
+    BLOCK_C = min(128, triton.next_power_of_2(C))
+    _bn_backward_combine_kernel[(triton.cdiv(C, BLOCK_C),)](
+        partial, split.num, C, mean, stat, sums,
+        d_weight if grad_weight else sums, d_bias if grad_bias else sums, float(eps),
+        STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias,
+        BLOCK_P=32, BLOCK_C=BLOCK_C,
+    )
+    return sums, d_weight, d_bias
+
+
+def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
+                   weight: Optional[torch.Tensor], sums: Optional[torch.Tensor], inv_count: float,
+                   eps: float = 0.0, stat_is_var: bool = False, training: bool = True) -> torch.Tensor:
+    """dx for the view's input; ``sums`` from bn_backward_reduce (ignored in eval mode)."""
+    x = view.tensor
+    C = view.C
+    dx = torch.empty_like(x)
+    dy_view = nqk_view(dy, view.channels_last)
+    dx_view = nqk_view(dx, view.channels_last)
+    _bn_backward_dx_kernel[elementwise_grid(view)](
+        x, dy, dx, mean, stat, weight if weight is not None else mean,
+        sums if training else mean,
+        view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
+        float(inv_count), float(eps),
+        TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
+        CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
+    )
+    return dx

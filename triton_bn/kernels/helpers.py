@@ -1,0 +1,103 @@
+"""@triton.jit building blocks shared by the kernels: addressing and the moment algebra.
+
+Moments of a group of values are (mean, M2, count), M2 = sum((x - mean)^2). Two groups a, b
+merge exactly (Chan et al.):
+
+    n = n_a + n_b,  delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    M2   = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+and many groups g at once: mean = sum(n_g mean_g) / n, M2 = sum(M2_g + n_g (mean_g - mean)^2).
+Only centered quantities are ever summed, never sum(x) and sum(x^2), whose difference loses
+every digit when |mean| >> std.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_offsets(rows, channel, Q, n_stride, q_stride, ROWS_ARE_NQ: tl.constexpr):
+    """int64 offsets of rows. ROWS_ARE_NQ: row r is (n, q) = (r // Q, r % Q); otherwise row r is
+    sample n = r of the fixed q = ``channel`` (channels-first statistics of one channel)."""
+    rows = rows.to(tl.int64)
+    if ROWS_ARE_NQ:
+        return (rows // Q) * n_stride + (rows % Q) * q_stride
+    else:
+        return rows * n_stride + channel.to(tl.int64) * q_stride
+
+
+@triton.jit
+def _tile_moments(x, valid, axis: tl.constexpr):
+    """Moments of the valid elements of x along ``axis``: tile mean first, then centered M2."""
+    count = tl.sum(valid.to(x.dtype), axis)
+    mean = tl.sum(tl.where(valid, x, 0.0), axis) / tl.maximum(count, 1.0)
+    centered = tl.where(valid, x - tl.expand_dims(mean, axis), 0.0)
+    return mean, tl.sum(centered * centered, axis), count
+
+
+@triton.jit
+def _merge_groups(mean, m2, count, axis: tl.constexpr):
+    """Merge many groups along ``axis``; groups with count 0 must carry m2 = 0."""
+    total = tl.sum(count, axis)
+    merged_mean = tl.sum(count * mean, axis) / tl.maximum(total, 1.0)
+    delta = mean - tl.expand_dims(merged_mean, axis)
+    return merged_mean, tl.sum(m2 + count * delta * delta, axis), total
+
+
+@triton.jit
+def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    n = n_a + n_b
+    weight_b = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * weight_b, m2_a + m2_b + delta * delta * n_a * weight_b, n
+
+
+@triton.jit
+def _load_channel_stats(mean_ptr, stat_ptr, channels, mask, eps, STAT_IS_VAR: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr):
+    """(mean, invstd) per channel. stat_ptr holds invstd (batch statistics) or, when
+    STAT_IS_VAR, a variance (running statistics) turned into invstd = 1 / sqrt(var + eps)."""
+    mean = tl.load(mean_ptr + channels, mask=mask, other=0.0).to(ACC_DTYPE)
+    stat = tl.load(stat_ptr + channels, mask=mask, other=1.0).to(ACC_DTYPE)
+    if STAT_IS_VAR:
+        stat = 1.0 / tl.sqrt_rn(stat + eps)
+    return mean, stat
+
+
+@triton.jit
+def _load_channel_param(ptr, channels, mask, default, HAS_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    if HAS_PARAM:
+        return tl.load(ptr + channels, mask=mask, other=default).to(ACC_DTYPE)
+    else:
+        return tl.full(channels.shape, default, ACC_DTYPE)
+
+
+@triton.jit
+def _along_channel_axis(v, CHANNELS_LAST: tl.constexpr):
+    """A per-channel vector broadcast onto a [BLOCK_R, BLOCK_K] tile: channels run along K
+    (columns) channels-last, along the rows channels-first."""
+    if CHANNELS_LAST:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _split_bounds(pid_c, pid_split, N, Q, K, rows_per_split, cols_per_split, splits_k,
+                  CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [row_lo, row_hi) x [col_lo, col_hi) part of the reduction domain of one program.
+
+    Channels-last: rows are the N*Q (sample, position) pairs, columns the BLOCK_K channels of
+    block pid_c. Channels-first: rows are the N samples, columns the spatial positions of
+    channel pid_c, both split into chunks."""
+    split_r = pid_split // splits_k
+    row_lo = split_r * rows_per_split
+    if CHANNELS_LAST:
+        row_hi = tl.minimum(row_lo + rows_per_split, N * Q)
+        col_lo = pid_c * BLOCK_K
+        col_hi = tl.minimum(col_lo + BLOCK_K, K)
+    else:
+        row_hi = tl.minimum(row_lo + rows_per_split, N)
+        col_lo = (pid_split % splits_k) * cols_per_split
+        col_hi = tl.minimum(col_lo + cols_per_split, K)
+    return row_lo, row_hi, col_lo, col_hi

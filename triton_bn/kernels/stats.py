@@ -1,0 +1,188 @@
+"""Batch statistics in two passes: per-split partial moments, then a per-channel combine.
+
+    mean_c   = (1/M) sum x            (M = N * S elements of channel c)
+    var_c    = (1/M) sum (x - mean_c)^2           (biased, used to normalize)
+    invstd_c = 1 / sqrt(var_c + eps)
+    running_mean <- (1 - m) running_mean + m mean_c
+    running_var  <- (1 - m) running_var  + m var_c * M / (M - 1)
+
+Pass 1 splits every channel's M elements over many programs (enough to fill the GPU even
+with 3 channels); each writes float (mean, M2, count) partials. Pass 2 merges a channel's
+partials in a fixed order — no atomics, so results are bitwise identical run to run — and
+updates the running statistics in place. The combine is not autotuned: an autotuner would
+re-run it and apply the in-place momentum update several times.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .helpers import _chan_merge, _merge_groups, _row_offsets, _split_bounds, _tile_moments
+from .tuning import autotune_tiles, stats_splits
+from .view import NQKView
+
+
+@autotune_tiles()
+@triton.jit
+def _bn_stats_partial_kernel(
+    x_ptr,  # [N, Q, K] view of the input, strides x_{n,q,k}_stride
+    partial_ptr,  # [3, P, C] moments per split: mean, M2, count (ACC_DTYPE)
+    N, Q, K, C,
+    x_n_stride, x_q_stride, x_k_stride,
+    rows_per_split, cols_per_split, splits_k,
+    partial_field_stride,  # P * C
+    CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_c = tl.program_id(0)  # channels-first: the channel; channels-last: a channel block
+    pid_split = tl.program_id(1)
+    row_lo, row_hi, col_lo, col_hi = _split_bounds(pid_c, pid_split, N, Q, K, rows_per_split,
+                                                   cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K)
+    # One (mean, M2, count) per tile column; tiles merge in by Chan's formula.
+    mean = tl.zeros([BLOCK_K], ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_K], ACC_DTYPE)
+    count = tl.zeros([BLOCK_K], ACC_DTYPE)
+    for col0 in range(col_lo, col_hi, BLOCK_K):
+        cols = col0 + tl.arange(0, BLOCK_K)
+        col_offsets = cols.to(tl.int64) * x_k_stride
+        for row0 in range(row_lo, row_hi, BLOCK_R):
+            rows = row0 + tl.arange(0, BLOCK_R)
+            row_offsets = _row_offsets(rows, pid_c, Q, x_n_stride, x_q_stride, CHANNELS_LAST)
+            valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
+            x = tl.load(x_ptr + row_offsets[:, None] + col_offsets[None, :], mask=valid, other=0.0)
+            tile_mean, tile_m2, tile_count = _tile_moments(x.to(ACC_DTYPE), valid, 0)
+            mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tile_m2, tile_count)
+    out = partial_ptr + pid_split * C
+    if CHANNELS_LAST:
+        channels = col_lo + tl.arange(0, BLOCK_K)
+        mask = channels < K
+        tl.store(out + channels, mean, mask=mask)
+        tl.store(out + partial_field_stride + channels, m2, mask=mask)
+        tl.store(out + 2 * partial_field_stride + channels, count, mask=mask)
+    else:
+        mean_c, m2_c, count_c = _merge_groups(mean, m2, count, 0)
+        tl.store(out + pid_c, mean_c)
+        tl.store(out + partial_field_stride + pid_c, m2_c)
+        tl.store(out + 2 * partial_field_stride + pid_c, count_c)
+
+
+@triton.jit
+def _bn_stats_combine_kernel(
+    partial_ptr,  # moments of P groups per channel: mean at p*group_stride + c,
+    P, C,  #        M2 at + field_stride, count at + 2*field_stride
+    partial_group_stride, partial_field_stride,
+    mean_ptr,  # [C] out: batch mean
+    invstd_ptr,  # [C] out: 1 / sqrt(biased var + eps)
+    moments_ptr,  # [3, C] out (WRITE_MOMENTS): merged mean, M2, count, for a later combine
+    running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
+    num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
+    momentum, eps,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    acc_dtype = partial_ptr.dtype.element_ty
+    mean = tl.zeros([BLOCK_C], acc_dtype)
+    m2 = tl.zeros([BLOCK_C], acc_dtype)
+    count = tl.zeros([BLOCK_C], acc_dtype)
+    for p0 in range(0, P, BLOCK_P):
+        groups = p0 + tl.arange(0, BLOCK_P)
+        mask = (groups < P)[:, None] & channel_mask[None, :]
+        offsets = groups[:, None].to(tl.int64) * partial_group_stride + channels[None, :]
+        g_mean = tl.load(partial_ptr + offsets, mask=mask, other=0.0)
+        g_m2 = tl.load(partial_ptr + partial_field_stride + offsets, mask=mask, other=0.0)
+        g_count = tl.load(partial_ptr + 2 * partial_field_stride + offsets, mask=mask, other=0.0)
+        b_mean, b_m2, b_count = _merge_groups(g_mean, g_m2, g_count, 0)
+        mean, m2, count = _chan_merge(mean, m2, count, b_mean, b_m2, b_count)
+    var = m2 / tl.maximum(count, 1.0)
+    tl.store(mean_ptr + channels, mean, mask=channel_mask)
+    tl.store(invstd_ptr + channels, 1.0 / tl.sqrt_rn(var + eps), mask=channel_mask)
+    if WRITE_MOMENTS:
+        tl.store(moments_ptr + channels, mean, mask=channel_mask)
+        tl.store(moments_ptr + C + channels, m2, mask=channel_mask)
+        tl.store(moments_ptr + 2 * C + channels, count, mask=channel_mask)
+    if UPDATE_RUNNING:
+        if CUMULATIVE_AVERAGE:
+            factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
+        else:
+            factor = momentum
+        unbiased_var = m2 / (count - 1.0)
+        old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask)
+        old_var = tl.load(running_var_ptr + channels, mask=channel_mask)
+        new_mean = (1.0 - factor) * old_mean.to(acc_dtype) + factor * mean
+        new_var = (1.0 - factor) * old_var.to(acc_dtype) + factor * unbiased_var
+        tl.store(running_mean_ptr + channels, new_mean.to(old_mean.dtype), mask=channel_mask)
+        tl.store(running_var_ptr + channels, new_var.to(old_var.dtype), mask=channel_mask)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for double input (torch's double path), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tensor:
+    """Pass 1: per-split moments, a [3, P, C] tensor (mean, M2, count) of the accumulation dtype."""
+    x = view.tensor
+    C = view.C
+    split = stats_splits(view.N, view.Q, view.K, view.channels_last, x.device, splits)
+    partial = torch.empty((3, split.num, C), dtype=acc_dtype(x.dtype), device=x.device)
+
+    def grid(meta):
+        channel_programs = triton.cdiv(C, meta["BLOCK_K"]) if view.channels_last else C
+        return (channel_programs, split.num)
+
+    _bn_stats_partial_kernel[grid](
+        x, partial, view.N, view.Q, view.K, C, *view.strides,
+        split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
+        CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
+    )
+    return partial
+
+
+def bn_stats_combine(partial: torch.Tensor, eps: float,
+                     running_mean: Optional[torch.Tensor] = None,
+                     running_var: Optional[torch.Tensor] = None,
+                     momentum: float = 0.1,
+                     num_batches_tracked: Optional[torch.Tensor] = None,
+                     return_moments: bool = False):
+    """Pass 2: merge ``partial`` [3, P, C] into (save_mean, save_invstd[, moments [3, C]]);
+    updates the running statistics in place when given.
+
+    ``num_batches_tracked`` (a device counter, already incremented) replaces ``momentum`` by
+    the cumulative-average factor 1 / num_batches_tracked without a host sync.
+    """
+    return _combine(partial, partial.shape[1], partial.stride(1), partial.stride(0), eps,
+                    running_mean, running_var, momentum, num_batches_tracked, return_moments)
+
+
+def bn_stats_combine_groups(moments: torch.Tensor, eps: float, **kwargs):
+    """Combine per-group moments stacked as [G, 3, C] (e.g. all-gathered from ranks)."""
+    return _combine(moments, moments.shape[0], moments.stride(0), moments.stride(1), eps, **kwargs)
+
+
+def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, running_var=None,
+             momentum=0.1, num_batches_tracked=None, return_moments=False):
+    assert partial.stride(-1) == 1, "moments must have unit channel stride"
+    C = partial.shape[-1]
+    mean = torch.empty(C, dtype=partial.dtype, device=partial.device)
+    invstd = torch.empty_like(mean)
+    moments = torch.empty((3, C), dtype=partial.dtype, device=partial.device) if return_moments else mean
+    update = running_mean is not None
+    BLOCK_C = min(128, triton.next_power_of_2(max(C, 1)))
+    _bn_stats_combine_kernel[(triton.cdiv(C, BLOCK_C),)](
+        partial, P, C, group_stride, field_stride, mean, invstd, moments,
+        running_mean if update else mean, running_var if update else mean,
+        num_batches_tracked if num_batches_tracked is not None else mean,
+        float(momentum), float(eps),
+        UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=num_batches_tracked is not None,
+        WRITE_MOMENTS=return_moments, BLOCK_P=32, BLOCK_C=BLOCK_C,
+    )
+    return (mean, invstd, moments) if return_moments else (mean, invstd)
