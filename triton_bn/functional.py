@@ -120,10 +120,23 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
 
 def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.batch_norm`` computed by the Triton kernels.
 
     Same arguments, semantics and errors: batch statistics when ``training`` (running
     statistics, if given, updated in place with ``momentum``), running statistics otherwise.
+
+    ``axis`` (keyword only; default 1 as in torch) names the feature axis; the statistics
+    run over every other axis. ``axis=-1`` on a contiguous (N, ..., C) tensor is the
+    channels-last case: the kernels read it in place, with no transpose or copy.
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if axis == 1 or input.dim() < 2:
+        return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not -input.dim() <= axis < input.dim():
+        raise IndexError(f"batch_norm: axis {axis} is out of range for a {input.dim()}-D input "
+                         f"(expected in [{-input.dim()}, {input.dim() - 1}])")
+    if axis % input.dim() == 0:
+        raise ValueError("batch_norm: axis 0 is the batch axis; the feature axis must be another one")
+    # movedim is a view: the kernels see the features as dim 1 with whatever stride they have.
+    y = _batch_norm(input.movedim(axis, 1), running_mean, running_var, weight, bias, training, momentum, eps)
+    return y.movedim(1, axis)
