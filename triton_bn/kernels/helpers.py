@@ -53,6 +53,16 @@ def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
+def _invstd(var, eps):
+    """1 / sqrt(var + eps) with a correctly rounded square root (sqrt_rn is fp32-only;
+    the fp64 sqrt is always IEEE)."""
+    if var.dtype == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:
+        return 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.jit
 def _load_channel_stats(mean_ptr, stat_ptr, channels, mask, eps, STAT_IS_VAR: tl.constexpr,
                         ACC_DTYPE: tl.constexpr):
     """(mean, invstd) per channel. stat_ptr holds invstd (batch statistics) or, when
@@ -60,7 +70,7 @@ def _load_channel_stats(mean_ptr, stat_ptr, channels, mask, eps, STAT_IS_VAR: tl
     mean = tl.load(mean_ptr + channels, mask=mask, other=0.0).to(ACC_DTYPE)
     stat = tl.load(stat_ptr + channels, mask=mask, other=1.0).to(ACC_DTYPE)
     if STAT_IS_VAR:
-        stat = 1.0 / tl.sqrt_rn(stat + eps)
+        stat = _invstd(stat, eps)
     return mean, stat
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _chan_merge, _merge_groups, _row_offsets, _split_bounds, _tile_moments
+from .helpers import _chan_merge, _invstd, _merge_groups, _row_offsets, _split_bounds, _tile_moments
 from .tuning import autotune_tiles, stats_splits
 from .view import NQKView
 
@@ -100,7 +100,7 @@ def _bn_stats_combine_kernel(
         mean, m2, count = _chan_merge(mean, m2, count, b_mean, b_m2, b_count)
     var = m2 / tl.maximum(count, 1.0)
     tl.store(mean_ptr + channels, mean, mask=channel_mask)
-    tl.store(invstd_ptr + channels, 1.0 / tl.sqrt_rn(var + eps), mask=channel_mask)
+    tl.store(invstd_ptr + channels, _invstd(var, eps), mask=channel_mask)
     if WRITE_MOMENTS:
         tl.store(moments_ptr + channels, mean, mask=channel_mask)
         tl.store(moments_ptr + C + channels, m2, mask=channel_mask)

@@ -1,0 +1,199 @@
+"""Layer 1: the launchers against float64 references, stage by stage."""
+import pytest
+import torch
+
+from tests.reference import assert_close, random_input
+from triton_bn.kernels import (bn_backward, bn_forward_eval, bn_forward_train, bn_normalize, bn_stats_combine,
+                               bn_stats_combine_groups, bn_stats_partial, input_view)
+from triton_bn.kernels import backward as backward_kernels
+from triton_bn.kernels import normalize as normalize_kernels
+from triton_bn.kernels import stats as stats_kernels
+from triton_bn.kernels.tuning import TILE_CONFIGS, prune_tile_configs, stats_splits
+
+# (shape, layout): NCHW, channels_last, BatchNorm1d (N, C) and (N, C, L), 5-D, strided views;
+# channel counts not powers of two and sizes not divisible by any block.
+CASES = [
+    ((4, 5, 7, 9), "contiguous"),
+    ((4, 5, 7, 9), "channels_last"),
+    ((3, 6, 4, 5, 3), "channels_last"),
+    ((2, 3, 4, 5, 6), "contiguous"),
+    ((50, 37), "contiguous"),
+    ((6, 3, 301), "contiguous"),
+    ((3, 7, 6, 10), "strided"),
+    ((1, 3, 1000), "contiguous"),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _stats64(x):
+    x64 = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+    return x64.mean(1), x64.var(1, unbiased=False)
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_stats_match_float64(shape, layout, splits, device):
+    x = random_input(shape, torch.float32, device, layout, seed=1, mean=3.0, std=2.0)
+    partial = bn_stats_partial(input_view(x), splits=splits)
+    mean, invstd = bn_stats_combine(partial, eps=1e-5)
+    ref_mean, ref_var = _stats64(x)
+    assert_close(mean, ref_mean, torch.float32, "mean")
+    assert_close(invstd, 1 / torch.sqrt(ref_var + 1e-5), torch.float32, "invstd")
+    counts = partial[2].sum(0)
+    assert torch.all(counts == x.numel() // shape[1]), "partials must cover every element exactly once"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_stats_dtypes_accumulate_wide(dtype, layout, device):
+    x = random_input((3, 6, 10, 11), dtype, device, layout, seed=2, mean=-1.0, std=0.5)
+    mean, invstd = bn_stats_combine(bn_stats_partial(input_view(x)), eps=1e-5)
+    assert mean.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref_mean, ref_var = _stats64(x)  # statistics of the values as stored: exact up to fp32 accumulation
+    tol = 1e-10 if dtype == torch.float64 else 2e-6
+    assert_close(mean, ref_mean, name="mean", tol=tol)
+    assert_close(invstd, 1 / torch.sqrt(ref_var + 1e-5), name="invstd", tol=tol)
+
+
+def test_stats_stay_accurate_when_mean_dwarfs_std(device):
+    """x = 1e4 + randn in float32: a sum/sum-of-squares variance would lose every digit."""
+    x = random_input((8, 4, 32, 32), torch.float32, device, seed=3, mean=1e4, std=1.0)
+    mean, invstd = bn_stats_combine(bn_stats_partial(input_view(x), splits=5), eps=1e-5)
+    ref_mean, ref_var = _stats64(x)
+    assert_close(mean, ref_mean, name="mean", tol=1e-7)  # relative to |mean| = 1e4
+    assert_close(1 / invstd**2 - 1e-5, ref_var, name="var", tol=2e-4)
+
+
+def test_combine_updates_running_stats_with_momentum_and_counter(device):
+    x = random_input((5, 4, 6, 7), torch.float32, device, seed=4, mean=1.0, std=3.0)
+    ref_mean, ref_var = _stats64(x)
+    M = x.numel() // 4
+    rm = torch.randn(4, device=device)
+    rv = torch.rand(4, device=device) + 0.5
+    expected_m, expected_v = rm.double() * 0.7 + 0.3 * ref_mean, rv.double() * 0.7 + 0.3 * ref_var * M / (M - 1)
+    bn_stats_combine(bn_stats_partial(input_view(x)), 1e-5, rm, rv, momentum=0.3)
+    assert_close(rm, expected_m, torch.float32, "running_mean")
+    assert_close(rv, expected_v, torch.float32, "running_var")
+    counter = torch.tensor(4, dtype=torch.long, device=device)  # cumulative average: factor 1/4
+    expected_m = rm.double() * 0.75 + 0.25 * ref_mean
+    bn_stats_combine(bn_stats_partial(input_view(x)), 1e-5, rm, rv, momentum=0.9, num_batches_tracked=counter)
+    assert_close(rm, expected_m, torch.float32, "running_mean (cumulative)")
+
+
+def test_combine_groups_merges_uneven_and_empty_groups(device):
+    """Groups of very different sizes (and an empty one) merge to the statistics of the union."""
+    parts = [random_input((n, 3, 5), torch.float32, device, seed=10 + n, mean=n, std=1 + n) for n in (1, 7, 20)]
+    moments = [bn_stats_combine(bn_stats_partial(input_view(p)), 1e-5, return_moments=True)[2] for p in parts]
+    moments.append(torch.zeros(3, 3, device=device))
+    mean, invstd = bn_stats_combine_groups(torch.stack(moments), 1e-5)
+    ref_mean, ref_var = _stats64(torch.cat(parts))
+    assert_close(mean, ref_mean, name="mean", tol=2e-6)
+    assert_close(invstd, 1 / torch.sqrt(ref_var + 1e-5), name="invstd", tol=2e-6)
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalize_writes_every_element(shape, layout, dtype, device):
+    x = random_input(shape, dtype, device, layout, seed=5)
+    C = shape[1]
+    mean, invstd = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    out = torch.full_like(x, float("nan"))
+    bn_normalize(input_view(x), mean, invstd, weight, bias, out=out)
+    view = [1, C] + [1] * (x.dim() - 2)
+    expected = (x.double() - mean.double().view(view)) * (invstd * weight).double().view(view) + bias.double().view(view)
+    assert_close(out, expected, dtype, "y")
+
+
+@pytest.mark.parametrize("shape,layout", CASES[:5])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_matches_float64(shape, layout, training, device):
+    x = random_input(shape, torch.float32, device, layout, seed=6, mean=0.5, std=2.0)
+    dy = random_input(shape, torch.float32, device, layout, seed=7)
+    C = shape[1]
+    weight = torch.rand(C, device=device) + 0.5
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    b64 = torch.zeros(C, dtype=torch.float64, device=device, requires_grad=True)
+    y64 = torch.nn.functional.batch_norm(x64, rm.double(), rv.double(), w64, b64, training, 0.0, 1e-5)
+    y64.backward(dy.double())
+    if training:
+        _, mean, invstd = bn_forward_train(x, weight, None, None, None, eps=1e-5)
+        dx, dw, db = bn_backward(dy, x, weight, mean, invstd, 1e-5, training=True)
+    else:
+        dx, dw, db = bn_backward(dy, x, weight, rm, rv, 1e-5, training=False)
+    assert_close(dx, x64.grad, torch.float32, "dx")
+    assert_close(dw, w64.grad, torch.float32, "dweight", tol=1e-5)
+    assert_close(db, b64.grad, torch.float32, "dbias", tol=1e-5)
+
+
+def test_backward_skips_what_is_not_needed(device):
+    x = random_input((4, 3, 5), torch.float32, device, seed=8)
+    _, mean, invstd = bn_forward_train(x, None, None, None, None)
+    dx, dw, db = bn_backward(torch.ones_like(x), x, None, mean, invstd, needs_input_grad=(True, True, False))
+    assert dw is None and db is None  # no weight -> no dweight; dbias not requested
+    assert_close(dx, torch.zeros_like(x, dtype=torch.float64), torch.float32, "dx of a constant dy")
+
+
+def test_results_are_bitwise_deterministic(device):
+    x = random_input((6, 5, 9, 13), torch.float32, device, "channels_last", seed=9, mean=2.0)
+    dy = random_input((6, 5, 9, 13), torch.float32, device, "channels_last", seed=10)
+    runs = []
+    for _ in range(2):
+        y, mean, invstd = bn_forward_train(x, None, None, None, None, splits=4)
+        runs.append((y, mean, invstd) + bn_backward(dy, x, None, mean, invstd, splits=4))
+    for a, b in zip(*runs):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_eval_forward_uses_running_stats_and_eps(device):
+    x = random_input((3, 4, 5, 5), torch.float16, device, "channels_last", seed=11)
+    rm, rv = torch.randn(4, device=device), torch.rand(4, device=device)
+    y = bn_forward_eval(x, None, None, rm, rv, eps=0.0)
+    expected = (x.double() - rm.double().view(1, 4, 1, 1)) / rv.double().sqrt().view(1, 4, 1, 1)
+    assert_close(y, expected, torch.float16, "y")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_splits_cover_the_domain():
+    for N, Q, K, cl in [(1, 3, 10**6, False), (256, 64, 3136, False), (64, 12544, 64, True), (7, 1, 33, True)]:
+        split = stats_splits(N, Q, K, cl, torch.device("cpu"), splits=9)
+        rows = N * Q if cl else N
+        assert split.num <= 65535
+        assert (split.num // split.splits_k - 1) * split.rows_per_split < rows <= (split.num // split.splits_k) * split.rows_per_split
+        if not cl:
+            assert split.cols_per_split % 128 == 0
+            assert (split.splits_k - 1) * split.cols_per_split < K <= split.splits_k * split.cols_per_split
+
+
+def test_pruning_keeps_lanes_busy():
+    for K in (3, 49, 64, 3136):
+        kept = prune_tile_configs(TILE_CONFIGS, {"K": K})
+        assert kept and all(c.kwargs["BLOCK_K"] <= max(16, 2 * K) for c in kept)
+
+
+def test_pinned_config_runs_alone(monkeypatch, device):
+    """TRITON_BN_PIN_CONFIG=1: every autotuned kernel runs exactly its first pruned config."""
+    monkeypatch.setenv("TRITON_BN_PIN_CONFIG", "1")
+    kernels = [stats_kernels._bn_stats_partial_kernel, normalize_kernels._bn_normalize_kernel,
+               backward_kernels._bn_backward_partial_kernel, backward_kernels._bn_backward_dx_kernel]
+    saved = [dict(k.cache) for k in kernels]
+    for k in kernels:
+        k.cache.clear()
+    try:
+        x = random_input((3, 5, 7, 6), torch.float32, device, seed=12)
+        dy = random_input((3, 5, 7, 6), torch.float32, device, seed=13)
+        y, mean, invstd = bn_forward_train(x, None, None, None, None)
+        dx, _, _ = bn_backward(dy, x, None, mean, invstd)
+        for k in kernels:
+            (config,) = set(k.cache.values())
+            assert config == prune_tile_configs(TILE_CONFIGS, {"K": 42})[0]
+        ref_mean, ref_var = _stats64(x)
+        expected = (x.double() - ref_mean.view(1, 5, 1, 1)) / torch.sqrt(ref_var + 1e-5).view(1, 5, 1, 1)
+        assert_close(y, expected, torch.float32, "y")
+    finally:
+        for k, cache in zip(kernels, saved):
+            k.cache.clear()
+            k.cache.update(cache)
