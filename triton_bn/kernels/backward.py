@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .helpers import (_along_channel_axis, _load_channel_param, _load_channel_stats, _row_offsets,
-                      _split_bounds)
+                      _split_bounds, _wide_scalar, split_float)
 from .normalize import elementwise_grid
 from .stats import acc_dtype, tl_dtype
 from .tuning import autotune_tiles, stats_splits
@@ -118,7 +118,7 @@ def _bn_backward_dx_kernel(
     x_n_stride, x_q_stride, x_k_stride,
     dy_n_stride, dy_q_stride, dy_k_stride,
     dx_n_stride, dx_q_stride, dx_k_stride,
-    inv_count, eps,  # 1 / M, M the elements per channel of the (global) batch
+    inv_count_hi, inv_count_lo, eps,  # 1 / M = hi + lo, M the elements per channel of the (global) batch
     TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -145,6 +145,7 @@ def _bn_backward_dx_kernel(
     if TRAINING:
         sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         sum_dy_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+        inv_count = _wide_scalar(inv_count_hi, inv_count_lo, ACC_DTYPE)
         k_xmu = -a * invstd * invstd * sum_dy_xmu * inv_count
         k_0 = -a * sum_dy * inv_count
         x_offsets = _row_offsets(rows, 0, Q, x_n_stride, x_q_stride, True)[:, None] + (cols64 * x_k_stride)[None, :]
@@ -199,7 +200,7 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
         x, dy, dx, mean, stat, weight if weight is not None else mean,
         sums if training else mean,
         view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
-        float(inv_count), float(eps),
+        *split_float(inv_count), float(eps),
         TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
         CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
     )

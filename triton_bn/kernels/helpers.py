@@ -52,6 +52,19 @@ def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     return mean_a + delta * weight_b, m2_a + m2_b + delta * delta * n_a * weight_b, n
 
 
+def split_float(value: float):
+    """(hi, lo) float32 parts of a Python float: Triton passes float scalars as fp32, which
+    would round momentum or 1/M to 7 digits in the float64 path; hi + lo carries ~14."""
+    import numpy as np
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+@triton.jit
+def _wide_scalar(hi, lo, ACC_DTYPE: tl.constexpr):
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
 @triton.jit
 def _invstd(var, eps):
     """1 / sqrt(var + eps) with a correctly rounded square root (sqrt_rn is fp32-only;

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _chan_merge, _invstd, _merge_groups, _row_offsets, _split_bounds, _tile_moments
+from .helpers import _chan_merge, _invstd, _merge_groups, _row_offsets, _split_bounds, _tile_moments, _wide_scalar, split_float
 from .tuning import autotune_tiles, stats_splits
 from .view import NQKView
 
@@ -79,7 +79,7 @@ def _bn_stats_combine_kernel(
     moments_ptr,  # [3, C] out (WRITE_MOMENTS): merged mean, M2, count, for a later combine
     running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
     num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
-    momentum, eps,
+    momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -109,7 +109,7 @@ def _bn_stats_combine_kernel(
         if CUMULATIVE_AVERAGE:
             factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
         else:
-            factor = momentum
+            factor = _wide_scalar(momentum_hi, momentum_lo, acc_dtype)
         unbiased_var = m2 / (count - 1.0)
         old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask)
         old_var = tl.load(running_var_ptr + channels, mask=channel_mask)
@@ -181,7 +181,7 @@ def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, run
         partial, P, C, group_stride, field_stride, mean, invstd, moments,
         running_mean if update else mean, running_var if update else mean,
         num_batches_tracked if num_batches_tracked is not None else mean,
-        float(momentum), float(eps),
+        *split_float(momentum), float(eps),
         UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=num_batches_tracked is not None,
         WRITE_MOMENTS=return_moments, BLOCK_P=32, BLOCK_C=BLOCK_C,
     )
