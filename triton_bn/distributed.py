@@ -1,0 +1,225 @@
+"""Layer 4: batch statistics synchronized over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Forward (training), on every rank of the process group:
+
+    local moments   (mean_r, M2_r, n_r) per channel    bn_stats_partial + bn_stats_combine
+    one all_gather  -> [W, 3, C]                        every rank's moments, exact for uneven
+                                                        batches and ranks with n_r = 0
+    Chan-combine    -> global mean, invstd              bn_stats_combine_groups, which also
+                                                        updates the running statistics (unbiased
+                                                        with the global count n = sum n_r)
+    normalize       y_r = (x_r - mean) * invstd * gamma + beta
+
+Backward, with xhat = (x - mean) * invstd and the global sums over every rank's elements:
+
+    local sums      (sum dy_r, sum dy_r (x_r - mean))   bn_backward_reduce, which also gives the
+                                                        local dgamma_r, dbeta_r
+    one all_reduce  -> global sums                      (skipped when dx is not needed)
+    dx_r = gamma invstd (dy_r - sum dy / n - xhat_r sum dy xhat / n)      bn_backward_dx
+
+dgamma and dbeta stay local, as ``torch.nn.SyncBatchNorm`` returns them: each rank's share of
+the gradient of the sum of all ranks' losses; DDP's gradient all-reduce adds (and averages) them.
+
+Bytes each rank sends per layer (C channels, float32 moments; float64 for double input):
+forward all_gather 3 * C * 4 (it receives W times that), backward all_reduce 2 * C * 4.
+
+The element counts never leave the device (no ``.item()``), so the forward and backward can be
+captured in a CUDA graph with NCCL.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .functional import _check_args, _contiguous_param, uses_kernels
+from .kernels import (bn_backward_dx, bn_backward_reduce, bn_normalize, bn_stats_combine,
+                      bn_stats_combine_groups, bn_stats_partial, input_view)
+from .kernels.stats import acc_dtype
+from .kernels.view import mergeable
+from .modules import _TritonBatchNorm
+
+__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "sync_batch_norm"]
+
+
+def _all_gather_moments(moments: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """Every rank's [3, C] moments stacked as [W, 3, C], in rank order (one collective)."""
+    gathered = torch.empty((world_size, *moments.shape), dtype=moments.dtype, device=moments.device)
+    if moments.device.type == "cpu" or dist.get_backend(group) == "gloo":
+        # Gloo (which serves CPU tensors) has no all_gather into one tensor: gather into
+        # per-rank views of one buffer instead.
+        dist.all_gather(list(gathered.unbind(0)), moments, group=group)
+    else:
+        # all_gather_single (torch >= 2.13) is the new name of all_gather_into_tensor.
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather_into(gathered.view(-1), moments.reshape(-1), group=group)
+    return gathered
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """y = BN(x; weight, bias) with the statistics of the whole process group (training only)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps,
+                num_batches_tracked, group, world_size):
+        C = input.shape[1]
+        if input.numel() > 0:
+            view = input_view(input)
+            _, _, moments = bn_stats_combine(bn_stats_partial(view), eps, return_moments=True)
+        else:
+            # An empty rank contributes count 0 (which the combine ignores) but must still
+            # join the collective, or its peers would wait for it forever.
+            moments = torch.zeros((3, C), dtype=acc_dtype(input.dtype), device=input.device)
+        gathered = _all_gather_moments(moments, group, world_size)
+        update = running_mean is not None
+        mean, invstd = bn_stats_combine_groups(
+            gathered, eps, running_mean=running_mean if update else None,
+            running_var=running_var if update else None, momentum=momentum,
+            num_batches_tracked=num_batches_tracked if update else None)
+        count = gathered[:, 2].sum(0)  # [C] global elements per channel, kept on the device
+        y = bn_normalize(view, mean, invstd, weight, bias) if input.numel() > 0 else torch.empty_like(input)
+        ctx.save_for_backward(input, weight, mean, invstd, count)
+        ctx.group = group
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, mean, invstd, count = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = d_weight = d_bias = None
+        if input.numel() > 0:
+            view = input_view(input)
+            dy = mergeable(grad_output)
+            if need_dx or need_dw or need_db:
+                sums, d_weight, d_bias = bn_backward_reduce(view, dy, mean, invstd, weight,
+                                                            grad_weight=need_dw, grad_bias=need_db)
+        else:
+            sums = torch.zeros((2, input.shape[1]), dtype=mean.dtype, device=input.device)
+            # Zeros rather than torch's None: a None gradient never reaches the parameter's
+            # accumulator, and DDP would then wait for it on this rank only.
+            if need_dw:
+                d_weight = torch.zeros_like(weight)
+            if need_db:
+                d_bias = torch.zeros(input.shape[1], dtype=weight.dtype if weight is not None
+                                     else input.dtype, device=input.device)
+        if need_dx:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
+            if input.numel() > 0:
+                # The kernel takes 1 / n as a float; n lives on the device, so the sums are
+                # divided here instead (a [2, C] op, no host sync).
+                mean_sums = sums / count
+                dx = bn_backward_dx(view, dy, mean, invstd, weight, mean_sums, inv_count=1.0)
+            else:
+                dx = torch.empty_like(input)
+        return dx, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+def _check_sync_args(input, running_mean, running_var, weight, bias, momentum, eps):
+    """Every check, before any collective or buffer change (a rank that raises here leaves its
+    peers waiting in the collective, exactly as with torch's SyncBatchNorm)."""
+    if not uses_kernels(input):
+        raise ValueError(f"SyncBatchNorm: synchronized statistics need a CUDA input, or a CPU input "
+                         f"run through Triton's interpreter (TRITON_INTERPRET=1); got {input.device}")
+    # torch's SyncBatchNorm skips the "more than 1 value per channel" check when synchronizing
+    # (only the global count matters, and reading it would sync with the host): so do we. An
+    # empty slice of the input keeps every other check (dtype, eps, parameter sizes, devices).
+    _check_args(input.narrow(0, 0, 0), running_mean, running_var, weight, bias, True, momentum, eps)
+    for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+        if buffer is not None and not buffer.is_contiguous():
+            raise ValueError(f"SyncBatchNorm: {name} must be contiguous (it is updated in place)")
+
+
+def _apply(input, running_mean, running_var, weight, bias, momentum, eps, group, world_size,
+           num_batches_tracked):
+    return SyncBatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(bias),
+                                       running_mean, running_var, float(momentum), float(eps),
+                                       num_batches_tracked, group, world_size)
+
+
+def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                    running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], momentum: float, eps: float, group, world_size: int,
+                    num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Training-mode batch norm with the statistics of every rank of ``group``.
+
+    Every rank must call it (also one whose batch is empty). ``running_mean``/``running_var``
+    (contiguous [C], or None) are updated in place, identically on every rank;
+    ``num_batches_tracked`` (a device counter, already incremented) replaces ``momentum`` by
+    1 / num_batches_tracked. Arguments are checked before any collective or buffer change.
+    """
+    _check_sync_args(input, running_mean, running_var, weight, bias, momentum, eps)
+    return _apply(input, running_mean, running_var, weight, bias, momentum, eps, group, world_size,
+                  num_batches_tracked)
+
+
+class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
+    """Drop-in for ``torch.nn.SyncBatchNorm`` (same constructor, ``process_group``, state_dict).
+
+    Training with an initialized process group of more than one rank synchronizes the batch
+    statistics; eval mode, no process group or a world of one rank run exactly as
+    ``triton_bn.BatchNorm*d``, with no collective. Works with NCCL on CUDA tensors and with
+    gloo on CPU tensors run through Triton's interpreter.
+    """
+
+    def _sync_group(self):
+        """(group, world size) to synchronize over, or None for the unsynchronized layer."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        world_size = dist.get_world_size(group)
+        return (group, world_size) if world_size > 1 else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        sync = self._sync_group()
+        if sync is None:
+            return super().forward(input)
+        group, world_size = sync
+        track = self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        _check_sync_args(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps)
+        num_batches_tracked = None
+        if track:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                num_batches_tracked = self.num_batches_tracked
+        return _apply(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+                      group, world_size, num_batches_tracked)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every BatchNorm*d (torch's, triton_bn's) and torch SyncBatchNorm in ``module``
+        by this class, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: the new layers
+        share the old parameters and buffers and keep the train/eval state. Returns the
+        converted module (a new object if ``module`` itself is a batch norm)."""
+        output = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # bias=False only exists (and is only needed) for affine layers without a bias.
+            extra = {"bias": False} if module.affine and module.bias is None else {}
+            output = cls(module.num_features, module.eps, module.momentum, module.affine,
+                         module.track_running_stats, process_group, device="meta", **extra)
+            if module.affine:
+                output.weight = module.weight
+                output.bias = module.bias
+            output.running_mean = module.running_mean
+            output.running_var = module.running_var
+            output.num_batches_tracked = module.num_batches_tracked
+            output.training = module.training
+            if hasattr(module, "qconfig"):
+                output.qconfig = module.qconfig
+        for name, child in module.named_children():
+            output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return output
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``SyncBatchNorm.convert_sync_batchnorm``: every batch norm in ``module`` becomes a
+    ``triton_bn.SyncBatchNorm`` synchronizing over ``process_group`` (default: the world)."""
+    return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
