@@ -131,6 +131,18 @@ def test_torch_batchnorm1d_checkpoint_loads_into_axis_minus_one():
     assert torch.equal(m.running_var, torch_bn.running_var) and torch.equal(m.weight, torch_bn.weight)
 
 
+def test_keras_weight_order_loads_by_name():
+    """docs/keras.md's port of layer.get_weights() = [gamma, (beta,) moving_mean, moving_variance]."""
+    import numpy as np
+    center, scale = False, True
+    keras_weights = [np.arange(C, dtype=np.float32) + k for k in (1, 10, 20)]  # no beta: center=False
+    bn = BatchNorm.from_keras(C, center=center, scale=scale)
+    names = [n for n, on in (("weight", scale), ("bias", center)) if on] + ["running_mean", "running_var"]
+    bn.load_state_dict({n: torch.from_numpy(w) for n, w in zip(names, keras_weights)}, strict=False)
+    for t, w in zip((bn.weight, bn.running_mean, bn.running_var), keras_weights):
+        assert torch.equal(t.detach(), torch.from_numpy(w))
+
+
 def test_initializers_float_inplace_and_returning(device):
     calls = []
 
