@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import (_along_channel_axis, _load_channel_param, _load_channel_stats, _row_offsets,
-                      _split_bounds, _wide_scalar, split_float)
+from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
+                      _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
 from .stats import acc_dtype, tl_dtype
 from .tuning import autotune_tiles, stats_splits
@@ -53,14 +53,12 @@ def _bn_backward_partial_kernel(
     sum_dy = tl.zeros([BLOCK_K], ACC_DTYPE)
     sum_dy_xmu = tl.zeros([BLOCK_K], ACC_DTYPE)
     for col0 in range(col_lo, col_hi, BLOCK_K):
-        cols = (col0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        cols = col0 + tl.arange(0, BLOCK_K)
         for row0 in range(row_lo, row_hi, BLOCK_R):
             rows = row0 + tl.arange(0, BLOCK_R)
             valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
-            x_offsets = _row_offsets(rows, pid_c, Q, x_n_stride, x_q_stride, CHANNELS_LAST)[:, None] \
-                + (cols * x_k_stride)[None, :]
-            dy_offsets = _row_offsets(rows, pid_c, Q, dy_n_stride, dy_q_stride, CHANNELS_LAST)[:, None] \
-                + (cols * dy_k_stride)[None, :]
+            x_offsets = _tile_offsets(rows, cols, pid_c, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST)
+            dy_offsets = _tile_offsets(rows, cols, pid_c, Q, dy_n_stride, dy_q_stride, dy_k_stride, CHANNELS_LAST)
             x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
             dy = tl.load(dy_ptr + dy_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
             sum_dy += tl.sum(dy, 0)
@@ -123,23 +121,12 @@ def _bn_backward_dx_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(K, BLOCK_K)
-    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % col_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_mask = rows < N * Q
-    col_mask = cols < K
-    if CHANNELS_LAST:
-        channels, channel_mask = cols, col_mask
-    else:
-        channels, channel_mask = rows % Q, row_mask
+    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
     a = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
 
-    mask = row_mask[:, None] & col_mask[None, :]
-    cols64 = cols.to(tl.int64)
-    dy_offsets = _row_offsets(rows, 0, Q, dy_n_stride, dy_q_stride, True)[:, None] + (cols64 * dy_k_stride)[None, :]
-    dx_offsets = _row_offsets(rows, 0, Q, dx_n_stride, dx_q_stride, True)[:, None] + (cols64 * dx_k_stride)[None, :]
+    dy_offsets = _tile_offsets(rows, cols, 0, Q, dy_n_stride, dy_q_stride, dy_k_stride, True)
+    dx_offsets = _tile_offsets(rows, cols, 0, Q, dx_n_stride, dx_q_stride, dx_k_stride, True)
     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     dx = dy * _along_channel_axis(a, CHANNELS_LAST)
     if TRAINING:
@@ -148,7 +135,7 @@ def _bn_backward_dx_kernel(
         inv_count = _wide_scalar(inv_count_hi, inv_count_lo, ACC_DTYPE)
         k_xmu = -a * invstd * invstd * sum_dy_xmu * inv_count
         k_0 = -a * sum_dy * inv_count
-        x_offsets = _row_offsets(rows, 0, Q, x_n_stride, x_q_stride, True)[:, None] + (cols64 * x_k_stride)[None, :]
+        x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         xmu = x - _along_channel_axis(mean, CHANNELS_LAST)
         dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST) + _along_channel_axis(k_0, CHANNELS_LAST)

@@ -27,6 +27,31 @@ def _row_offsets(rows, channel, Q, n_stride, q_stride, ROWS_ARE_NQ: tl.constexpr
 
 
 @triton.jit
+def _tile_offsets(rows, cols, channel, Q, n_stride, q_stride, k_stride, ROWS_ARE_NQ: tl.constexpr):
+    """int64 offsets of a [rows, cols] tile (see _row_offsets); cols run along the K axis."""
+    row_offsets = _row_offsets(rows, channel, Q, n_stride, q_stride, ROWS_ARE_NQ)
+    return row_offsets[:, None] + (cols.to(tl.int64) * k_stride)[None, :]
+
+
+@triton.jit
+def _elementwise_tile(N, Q, K, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile of an elementwise kernel: a 1-D grid over [N*Q rows, K cols]
+    (1-D because a grid's y/z extents stop at 65535). Returns rows, cols, the tile mask and
+    each row's (channels-first) or column's (channels-last) channel with its mask."""
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(K, BLOCK_K)
+    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % col_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < N * Q
+    col_mask = cols < K
+    mask = row_mask[:, None] & col_mask[None, :]
+    if CHANNELS_LAST:
+        return rows, cols, mask, cols, col_mask
+    else:
+        return rows, cols, mask, rows % Q, row_mask
+
+
+@triton.jit
 def _tile_moments(x, valid, axis: tl.constexpr):
     """Moments of the valid elements of x along ``axis``: tile mean first, then centered M2."""
     count = tl.sum(valid.to(x.dtype), axis)

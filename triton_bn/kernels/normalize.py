@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _along_channel_axis, _load_channel_param, _load_channel_stats, _row_offsets
+from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
+                      _tile_offsets)
 from .stats import tl_dtype
 from .tuning import autotune_tiles
 from .view import NQKView, nqk_view
@@ -36,25 +37,13 @@ def _bn_normalize_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Rows are the N*Q (n, q) pairs, columns the K unit-stride elements; a 1-D grid of tiles.
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(K, BLOCK_K)
-    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % col_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_mask = rows < N * Q
-    col_mask = cols < K
-    if CHANNELS_LAST:
-        channels, channel_mask = cols, col_mask
-    else:
-        channels, channel_mask = rows % Q, row_mask
+    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
     scale = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
     shift = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)
 
-    mask = row_mask[:, None] & col_mask[None, :]
-    cols64 = cols.to(tl.int64)
-    x_offsets = _row_offsets(rows, 0, Q, x_n_stride, x_q_stride, True)[:, None] + (cols64 * x_k_stride)[None, :]
-    y_offsets = _row_offsets(rows, 0, Q, y_n_stride, y_q_stride, True)[:, None] + (cols64 * y_k_stride)[None, :]
+    x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
+    y_offsets = _tile_offsets(rows, cols, 0, Q, y_n_stride, y_q_stride, y_k_stride, True)
     x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     y = (x - _along_channel_axis(mean, CHANNELS_LAST)) * _along_channel_axis(scale, CHANNELS_LAST) \
         + _along_channel_axis(shift, CHANNELS_LAST)

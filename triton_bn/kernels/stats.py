@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _chan_merge, _invstd, _merge_groups, _row_offsets, _split_bounds, _tile_moments, _wide_scalar, split_float
+from .helpers import (_chan_merge, _invstd, _merge_groups, _split_bounds, _tile_moments, _tile_offsets,
+                      _wide_scalar, split_float)
 from .tuning import autotune_tiles, stats_splits
 from .view import NQKView
 
@@ -47,12 +48,11 @@ def _bn_stats_partial_kernel(
     count = tl.zeros([BLOCK_K], ACC_DTYPE)
     for col0 in range(col_lo, col_hi, BLOCK_K):
         cols = col0 + tl.arange(0, BLOCK_K)
-        col_offsets = cols.to(tl.int64) * x_k_stride
         for row0 in range(row_lo, row_hi, BLOCK_R):
             rows = row0 + tl.arange(0, BLOCK_R)
-            row_offsets = _row_offsets(rows, pid_c, Q, x_n_stride, x_q_stride, CHANNELS_LAST)
+            offsets = _tile_offsets(rows, cols, pid_c, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST)
             valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
-            x = tl.load(x_ptr + row_offsets[:, None] + col_offsets[None, :], mask=valid, other=0.0)
+            x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
             tile_mean, tile_m2, tile_count = _tile_moments(x.to(ACC_DTYPE), valid, 0)
             mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tile_m2, tile_count)
     out = partial_ptr + pid_split * C
