@@ -152,3 +152,14 @@ def test_converted_cnn_trains_like_torch(device):
     ref.eval(), ours.eval()
     x = torch.randn(4, 3, 6, 6, generator=g).to(device)
     assert_close(ours(x), ref(x), name="eval logits", tol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_rejected_input_leaves_the_module_untouched(momentum, device):
+    m = triton_bn.BatchNorm2d(5, momentum=momentum, device=device)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    for bad in (torch.randn(1, 5, 1, 1, device=device), torch.randint(0, 9, (2, 5, 3, 3), device=device)):
+        with pytest.raises((ValueError, NotImplementedError)):
+            m(bad)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed by a rejected call"

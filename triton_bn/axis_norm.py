@@ -30,6 +30,7 @@ import torch
 from torch.nn import Parameter
 from torch.nn.modules.batchnorm import _NormBase
 
+from .functional import feature_axis
 from .modules import _TritonBatchNorm
 
 #: A value to fill with, or a callable given the tensor: either torch.nn.init style (fills
@@ -54,20 +55,6 @@ def _initialize(tensor: torch.Tensor, init: Initializer) -> None:
     values = init(tensor)
     if isinstance(values, torch.Tensor) and values is not tensor:
         tensor.copy_(values)
-
-
-def _feature_axis(axis: int, ndim: int) -> int:
-    """``axis`` in [0, ndim) for an ndim-D input; the batch axis 0 is not a feature axis.
-
-    Same rule and messages as ``triton_bn.batch_norm(axis=...)``; kept here until functional.py
-    exports its check (the module must move the axis itself to pass ``num_batches_tracked``).
-    """
-    if not -ndim <= axis < ndim:
-        raise IndexError(f"batch_norm: axis {axis} is out of range for a {ndim}-D input "
-                         f"(expected in [{-ndim}, {ndim - 1}])")
-    if axis % ndim == 0:
-        raise ValueError("batch_norm: axis 0 is the batch axis; the feature axis must be another one")
-    return axis % ndim
 
 
 class BatchNorm(_TritonBatchNorm, _NormBase):
@@ -200,7 +187,7 @@ class BatchNorm(_TritonBatchNorm, _NormBase):
         if input.dim() < 2:
             raise ValueError(f"BatchNorm: expected an input of rank >= 2 (N, ...), got {input.dim()}-D "
                              f"input of shape {tuple(input.shape)}")
-        axis = _feature_axis(self.axis, input.dim())
+        axis = feature_axis(self.axis, input.dim())
         if axis == 1:
             return super().forward(input)
         # movedim is a view: the kernels read the features as dim 1 with whatever stride they

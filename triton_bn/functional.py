@@ -92,24 +92,41 @@ def _contiguous_param(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.reshape(-1).contiguous()
 
 
+def feature_axis(axis: int, ndim: int) -> int:
+    """``axis`` in [0, ndim) for an ndim-D input; the batch axis 0 is not a feature axis."""
+    if not -ndim <= axis < ndim:
+        raise IndexError(f"batch_norm: axis {axis} is out of range for a {ndim}-D input "
+                         f"(expected in [{-ndim}, {ndim - 1}])")
+    if axis % ndim == 0:
+        raise ValueError("batch_norm: axis 0 is the batch axis; the feature axis must be another one")
+    return axis % ndim
+
+
 def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                 training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """batch_norm, plus ``num_batches_tracked``: a device counter (already incremented) whose
-    reciprocal replaces ``momentum`` (the modules' momentum=None), with no host sync."""
+                num_batches_tracked: Optional[torch.Tensor] = None,
+                cumulative_average: bool = False) -> torch.Tensor:
+    """batch_norm, plus the modules' step counter: ``num_batches_tracked`` (a device tensor) is
+    incremented once the arguments have passed their checks, and with ``cumulative_average``
+    (momentum=None) its reciprocal replaces ``momentum`` on the device, with no host sync."""
     if input.dim() < 2 or input.numel() == 0 or not uses_kernels(input):
         # Nothing to compute (torch's own semantics for empty and 1-D input: no statistics
         # update, a differentiable empty output), or no Triton backend for this device.
         if num_batches_tracked is not None:
-            momentum = 1.0 / float(num_batches_tracked)
+            num_batches_tracked.add_(1)
+            if cumulative_average:
+                momentum = 1.0 / float(num_batches_tracked)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     update = training and running_mean is not None and running_var is not None
     rm = _contiguous_param(running_mean) if update or not training else None
     rv = _contiguous_param(running_var) if update or not training else None
     y = BatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(bias), rm, rv,
-                                training, float(momentum), float(eps), num_batches_tracked)
+                                training, float(momentum), float(eps),
+                                num_batches_tracked if cumulative_average else None)
     if update:
         # Non-contiguous running buffers were updated on a contiguous copy: write it back.
         for buffer, updated in ((running_mean, rm), (running_var, rv)):
@@ -132,11 +149,7 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
     """
     if axis == 1 or input.dim() < 2:
         return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not -input.dim() <= axis < input.dim():
-        raise IndexError(f"batch_norm: axis {axis} is out of range for a {input.dim()}-D input "
-                         f"(expected in [{-input.dim()}, {input.dim() - 1}])")
-    if axis % input.dim() == 0:
-        raise ValueError("batch_norm: axis 0 is the batch axis; the feature axis must be another one")
+    axis = feature_axis(axis, input.dim())
     # movedim is a view: the kernels see the features as dim 1 with whatever stride they have.
     y = _batch_norm(input.movedim(axis, 1), running_mean, running_var, weight, bias, training, momentum, eps)
     return y.movedim(1, axis)

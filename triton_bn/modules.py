@@ -19,11 +19,8 @@ class _TritonBatchNorm:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
-        num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                num_batches_tracked = self.num_batches_tracked
+        # The step counter moves only once the arguments have passed their checks.
+        counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
         # Batch statistics in training, and in eval when no running statistics exist.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
@@ -32,7 +29,8 @@ class _TritonBatchNorm:
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,
             self.weight, self.bias, bn_training, momentum, self.eps,
-            num_batches_tracked=num_batches_tracked,
+            num_batches_tracked=self.num_batches_tracked if counting else None,
+            cumulative_average=self.momentum is None,
         )
 
 
