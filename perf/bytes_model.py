@@ -1,0 +1,62 @@
+"""Bytes and FLOPs per op: the x-axis of the roofline and the numerator of every GB/s we report.
+
+T = numel, e = element size. Effective bandwidth = unique bytes / median time (design.md):
+
+    op             unique bytes                    3-pass design moves    best effective share
+    forward-train  read x, write y      = 2 T e    3 T e (x read twice)   2/3  = 67 % of copy
+    forward-eval   read x, write y      = 2 T e    2 T e                  1    = 100 %
+    backward       read x, dy, write dx = 3 T e    5 T e                  3/5  = 60 %
+    fwd+bwd        forward + backward   = 5 T e    8 T e                  5/8  = 62.5 %
+    copy           read x, write copy   = 2 T e    2 T e                  the ceiling itself
+
+fwd+bwd counts x twice: in training the two run at different times, so x must be read again.
+Per-channel vectors (C floats) are noise at real sizes and are left out.
+
+FLOPs count the math once per element, an FMA as 2 (so the roofline places every op, not the
+implementation's tricks):
+    forward-train 7: mean (1 add), centered square sum (sub + FMA = 3), normalize (sub + FMA = 3)
+    forward-eval  3: normalize
+    backward     10: sum dy (1), sum dy*(x - mean) (sub + FMA = 3), dx (xhat 2, FMA + sub 3, scale 1)
+    fwd+bwd      17
+"""
+from __future__ import annotations
+
+import torch
+
+OPS = ("forward-train", "forward-eval", "backward", "fwd+bwd")
+COPY = "copy"
+
+UNIQUE_PASSES = {"forward-train": 2, "forward-eval": 2, "backward": 3, "fwd+bwd": 5, COPY: 2}
+THREE_PASS_MOVED_PASSES = {"forward-train": 3, "forward-eval": 2, "backward": 5, "fwd+bwd": 8, COPY: 2}
+FLOPS_PER_ELEMENT = {"forward-train": 7, "forward-eval": 3, "backward": 10, "fwd+bwd": 17, COPY: 0}
+
+ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64}
+
+
+def unique_bytes(op: str, numel: int, dtype: str) -> int:
+    return UNIQUE_PASSES[op] * numel * ELEMENT_SIZE[dtype]
+
+
+def moved_bytes(op: str, numel: int, dtype: str) -> int:
+    """Bytes the 3-pass design moves through device memory (each pass streams the tensor once)."""
+    return THREE_PASS_MOVED_PASSES[op] * numel * ELEMENT_SIZE[dtype]
+
+
+def best_share_of_copy(op: str) -> float:
+    """The prediction: at copy speed for every pass, effective bandwidth / copy bandwidth."""
+    return UNIQUE_PASSES[op] / THREE_PASS_MOVED_PASSES[op]
+
+
+def flops(op: str, numel: int) -> int:
+    return FLOPS_PER_ELEMENT[op] * numel
+
+
+def intensity(op: str, dtype: str) -> float:
+    """Arithmetic intensity, FLOPs per unique byte (independent of the size)."""
+    return FLOPS_PER_ELEMENT[op] / (UNIQUE_PASSES[op] * ELEMENT_SIZE[dtype])
+
+
+def gbps(nbytes: float, time_ms: float) -> float:
+    return nbytes / (time_ms * 1e-3) / 1e9
