@@ -74,11 +74,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # join the collective, or its peers would wait for it forever.
             moments = torch.zeros((3, C), dtype=acc_dtype(input.dtype), device=input.device)
         gathered = _all_gather_moments(moments, group, world_size)
-        update = running_mean is not None
-        mean, invstd = bn_stats_combine_groups(
-            gathered, eps, running_mean=running_mean if update else None,
-            running_var=running_var if update else None, momentum=momentum,
-            num_batches_tracked=num_batches_tracked if update else None)
+        mean, invstd = bn_stats_combine_groups(gathered, eps, running_mean=running_mean, running_var=running_var,
+                                               momentum=momentum, num_batches_tracked=num_batches_tracked)
         count = gathered[:, 2].sum(0)  # [C] global elements per channel, kept on the device
         y = bn_normalize(view, mean, invstd, weight, bias) if input.numel() > 0 else torch.empty_like(input)
         ctx.save_for_backward(input, weight, mean, invstd, count)
@@ -98,14 +95,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 sums, d_weight, d_bias = bn_backward_reduce(view, dy, mean, invstd, weight,
                                                             grad_weight=need_dw, grad_bias=need_db)
         else:
+            # dgamma, dbeta stay None (zero), as torch's SyncBatchNorm returns them.
             sums = torch.zeros((2, input.shape[1]), dtype=mean.dtype, device=input.device)
-            # Zeros rather than torch's None: a None gradient never reaches the parameter's
-            # accumulator, and DDP would then wait for it on this rank only.
-            if need_dw:
-                d_weight = torch.zeros_like(weight)
-            if need_db:
-                d_bias = torch.zeros(input.shape[1], dtype=weight.dtype if weight is not None
-                                     else input.dtype, device=input.device)
         if need_dx:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
             if input.numel() > 0:
@@ -114,7 +105,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 mean_sums = sums / count
                 dx = bn_backward_dx(view, dy, mean, invstd, weight, mean_sums, inv_count=1.0)
             else:
-                dx = torch.empty_like(input)
+                dx = torch.empty_like(input)  # still joined the all_reduce: its peers wait for it
         return dx, d_weight, d_bias, None, None, None, None, None, None, None
 
 
