@@ -116,9 +116,8 @@ def _check_sync_args(input, running_mean, running_var, weight, bias, momentum, e
         raise ValueError(f"SyncBatchNorm: synchronized statistics need a CUDA input, or a CPU input "
                          f"run through Triton's interpreter (TRITON_INTERPRET=1); got {input.device}")
     # torch's SyncBatchNorm skips the "more than 1 value per channel" check when synchronizing
-    # (only the global count matters, and reading it would sync with the host): so do we. An
-    # empty slice of the input keeps every other check (dtype, eps, parameter sizes, devices).
-    _check_args(input.narrow(0, 0, 0), running_mean, running_var, weight, bias, True, momentum, eps)
+    # (only the global count matters, and reading it would sync with the host): so do we.
+    _check_args(input, running_mean, running_var, weight, bias, True, momentum, eps, check_count=False)
     for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
         if buffer is not None and not buffer.is_contiguous():
             raise ValueError(f"SyncBatchNorm: {name} must be contiguous (it is updated in place)")

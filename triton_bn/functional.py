@@ -25,12 +25,14 @@ def uses_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreting())
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, check_count=True):
+    """torch's checks and messages. ``check_count=False`` skips "more than 1 value per channel"
+    (SyncBatchNorm: the count that matters is global, on the device)."""
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
     if input.dtype not in _FLOAT_DTYPES:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{input.dtype}'")
-    if training:
+    if training and check_count:
         size = input.shape
         per_channel = size[0]
         for s in size[2:]:
