@@ -20,7 +20,6 @@ from .results import is_cpu_run, meta_float, read_csv
 
 IMPL_STYLE = {"triton_bn": ("tab:red", "o"), "torch": ("tab:blue", "s"), "torch_native": ("tab:green", "^"),
               "torch_compile": ("tab:purple", "D")}
-OP_MARKER = {"forward-train": "o", "forward-eval": "s", "backward": "^", "fwd+bwd": "D"}
 SWEEP_AXIS = {"channels": ("C", "channels C", None), "bn1d": ("N", "rows N (BatchNorm1d input N x C)", None)}
 DEFAULT_AXIS = ("input_mb", "input size (MB, one tensor)", None)
 
@@ -38,6 +37,19 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _plain_ticks(axis, plt) -> None:
+    """Log-axis ticks as plain numbers (3, 64, 4096), not 3x10^0; minor ticks labelled only
+    where the axis spans too few decades to show major ones (matplotlib's thresholds)."""
+    ticker = plt.matplotlib.ticker
+
+    class PlainLogFormatter(ticker.LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _x(row: dict, sweep: str) -> float:
@@ -88,6 +100,7 @@ def plot_bandwidth(meta, rows, sweep: str, dtype: str, path: Path, plt) -> Path:
             if ceiling:
                 ax.axhline(ceiling, color="gray", ls=":", lw=1, label=f"copy ceiling {ceiling:.4g} GB/s")
             ax.set_xscale("log")
+            _plain_ticks(ax.xaxis, plt)
             ax.set_ylim(bottom=0)
             ax.set_title(f"{op}, {layout}", fontsize=10)
             ax.set_xlabel(SWEEP_AXIS.get(sweep, DEFAULT_AXIS)[1], fontsize=8)
@@ -128,31 +141,40 @@ def plot_speedup(meta, rows, dtype: str, path: Path, plt) -> Path:
 
 
 def plot_roofline(meta, rows, dtype: str, path: Path, plt) -> Path:
+    """One panel per op (their intensities nearly coincide), both ceilings in each."""
     sel = [r for r in rows if r["dtype"] == dtype and r["status"] == "ok" and r["op"] != COPY and r["gflops"]]
     ceiling = meta_float(meta, "copy_ceiling_gbps")
     peak = meta_float(meta, "peak_fp32_gflops")
-    fig, ax = plt.subplots(figsize=(8, 6))
-    intensities = [r["intensity"] for r in sel] or [1.0]
-    lo, hi = min(intensities) / 4, max(max(intensities) * 4, (peak / ceiling * 2) if peak and ceiling else 0)
-    if ceiling:
-        top = peak if peak else ceiling * hi
-        ridge = top / ceiling
-        ax.plot([lo, min(ridge, hi)], [ceiling * lo, ceiling * min(ridge, hi)], "k--",
-                label=f"memory roof: copy {ceiling:.4g} GB/s")
-    if peak:
-        ax.plot([peak / ceiling if ceiling else lo, hi], [peak, peak], "k-", label=f"fp32 peak {peak:.0f} GFLOP/s")
-    for impl, (color, _) in IMPL_STYLE.items():
-        for op, marker in OP_MARKER.items():
-            pts = [(r["intensity"], r["gflops"]) for r in sel if r["impl"] == impl and r["op"] == op]
-            if pts:
-                ax.scatter(*zip(*pts), color=color, marker=marker, s=18, alpha=0.6, label=f"{impl} {op}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOPs per unique byte)")
-    ax.set_ylabel("achieved GFLOP/s")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, ncol=2)
-    return _finish(fig, path, meta, "Roofline: every op of every implementation", dtype, plt)
+    ops = [op for op in OPS if any(r["op"] == op for r in sel)]
+    intensities = [r["intensity"] for r in sel]
+    ridge = peak / ceiling if peak and ceiling else None
+    lo, hi = min(intensities) / 4, max(max(intensities) * 4, 2 * ridge if ridge else 0)
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 4.6), sharey=True, squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        if ceiling:
+            knee = min(ridge, hi) if ridge else hi
+            ax.plot([lo, knee], [ceiling * lo, ceiling * knee], "k--", lw=1, label=f"copy {ceiling:.4g} GB/s")
+        if peak:
+            ax.plot([ridge or lo, hi], [peak, peak], "k-", lw=1, label=f"fp32 peak {peak:,.0f} GFLOP/s")
+        # Implementations are dodged sideways around the op's one intensity, for legibility:
+        # a marker is the median over the shapes, its bar spans min to max.
+        for k, (impl, (color, marker)) in enumerate(IMPL_STYLE.items()):
+            values = sorted(r["gflops"] for r in sel if r["impl"] == impl and r["op"] == op)
+            if not values:
+                continue
+            x = next(r["intensity"] for r in sel if r["op"] == op) * (1.0 + 0.08 * (k - 1.5))
+            median = values[len(values) // 2]
+            ax.errorbar([x], [median], yerr=[[median - values[0]], [values[-1] - median]], fmt=marker,
+                        color=color, ms=6, capsize=3, label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_title(op, fontsize=10)
+        ax.set_xlabel("FLOPs per unique byte", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("achieved GFLOP/s (median, min-max over shapes)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    return _finish(fig, path, meta, "Roofline: achieved GFLOP/s vs arithmetic intensity", dtype, plt)
 
 
 def plot_csv(csv_path, out_dir=None) -> list:

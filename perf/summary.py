@@ -24,6 +24,10 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
 def speedup_table(rows) -> list:
     groups = defaultdict(list)
     for r in rows:
@@ -41,7 +45,7 @@ def speedup_table(rows) -> list:
         worst = min(vs_torch, key=lambda r: r["speedup_vs_torch"]) if vs_torch else None
         worst_text = f"{worst['shape']} ({worst['speedup_vs_torch']:.2f}x)" if worst else "-"
         lines.append(f"{op:<14}{dtype:<10}{layout:<14}{len(group):>6}" + "".join(f"{_fmt(m):>18}" for m in means)
-                     + f"{_fmt(median_pct):>17}{100 * best_share_of_copy(op):>11.0f}%   {worst_text}")
+                     + f"{_pct(median_pct):>17}{100 * best_share_of_copy(op):>11.0f}%   {worst_text}")
     return lines
 
 
