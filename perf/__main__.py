@@ -73,7 +73,10 @@ def command_run(args) -> int:
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise SystemExit(f"unknown op(s) {unknown}; known: {', '.join(OPS)}")
-    impls = make_impls(args.impls)
+    try:
+        impls = make_impls(args.impls)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if args.list:
         for case in cases:
             print(case)
