@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# perf/ is a top-level folder of the repository, not part of the installed package.
+# perf/ is a top-level folder of the repository, not part of the installed package: it is
+# importable through pyproject's pytest `pythonpath = ["."]`.
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import perf  # noqa: E402,F401  (chooses the interpreter without CUDA, as conftest does)
 from perf import bytes_model, env  # noqa: E402
