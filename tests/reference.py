@@ -68,3 +68,15 @@ def random_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.0, st
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x
+
+
+def assert_no_host_sync(step):
+    """Run ``step`` once to autotune (which synchronizes), then again with CUDA's sync debug mode
+    set to raise on any host synchronization."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import triton_bn
 import triton_bn.functional as functional
-from tests.reference import assert_close, random_input, reference_batch_norm
+from tests.reference import assert_close, assert_no_host_sync, random_input, reference_batch_norm
 
 SHAPES_LAYOUTS = [
     ((4, 5, 6, 7), "contiguous"),
@@ -227,13 +227,7 @@ def test_axis_keyword_is_the_feature_axis(device):
 def test_no_host_sync_in_forward_backward(device):
     x = random_input((8, 16, 14, 14), torch.float16, device, "channels_last", seed=15).requires_grad_()
     m = triton_bn.BatchNorm2d(16, momentum=None).to(device)
-    m(x).sum().backward()  # autotune (which synchronizes) outside the checked region
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        m(x).float().sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(lambda: m(x).float().sum().backward())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback without the interpreter")

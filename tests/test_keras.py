@@ -8,7 +8,7 @@ from torch import nn
 
 import triton_bn
 import triton_bn.kernels as kernels
-from tests.reference import assert_close, random_input, reference_batch_norm
+from tests.reference import assert_close, assert_no_host_sync, random_input, reference_batch_norm
 from triton_bn.axis_norm import BatchNorm, from_keras
 
 C = 5
@@ -312,10 +312,4 @@ def test_extra_repr_names_the_options():
 def test_no_host_sync_with_cumulative_momentum(device):
     x = random_input((8, 100, 16), torch.float16, device, seed=17).requires_grad_()
     m = BatchNorm(16, axis=-1, momentum=None).to(device)
-    m(x).float().sum().backward()  # autotune (which synchronizes) outside the checked region
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        m(x).float().sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(lambda: m(x).float().sum().backward())
