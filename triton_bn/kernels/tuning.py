@@ -8,6 +8,11 @@ candidate once (so every config path executes) and reports equal times, which ma
 autotuner keep the first, i.e. the preferred, config deterministically.
 
 ``TRITON_BN_PIN_CONFIG=1`` pins every autotuned kernel to its first pruned config.
+
+The config list is checked against the machine code (``python -m triton_bn.report``,
+guarded by tests/test_report.py): no shipped config spills registers, and every one reaches
+16-byte (LDG/STG.128) accesses on the unit-stride axis for 16-byte-aligned inputs, in all
+four autotuned kernels, fp32/fp16/bf16, channels-first and channels-last, sm_90 and sm_80.
 """
 from __future__ import annotations
 
@@ -18,7 +23,17 @@ import torch
 import triton
 
 BLOCK_K_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
-TILE_ELEMENTS = (8192, 4096, 2048)
+TILE_ELEMENTS = (4096, 2048, 1024)
+# At most 16 elements per thread. At 32 (8192 elements on 8 warps) the statistics kernel
+# reaches ptxas 13's 128-register ceiling on sm_90 and spills up to 32 bytes (stats_partial
+# fp16 NCHW, BLOCK_K=1024: 128 regs, 22 spill instructions); 8192 on 16 warps spills on sm_80,
+# where ptxas 12.9 holds 512-thread blocks to 64 registers.
+TILE_WARPS = {4096: 8, 2048: 4, 1024: 4}
+# (tile elements, BLOCK_K) that spill 8-24 bytes in some kernel/dtype/layout on sm_90 or
+# sm_80 at 64-80 registers: an effect of the --regAllocOptLevel=2 Triton passes to ptxas
+# (the same PTX allocates spill-free without it). Found by python -m triton_bn.report
+# --arch 90,80 (triton 3.9: ptxas-blackwell 13.4 for sm_90, ptxas 12.9 for sm_80).
+SPILLING_TILES = {(4096, 16), (4096, 32), (4096, 128), (4096, 256), (4096, 512), (2048, 256), (1024, 1024)}
 TUNING_KEY = ["N", "Q", "K", "CHANNELS_LAST"]
 
 
@@ -31,14 +46,10 @@ def pinned() -> bool:
 
 
 def _tile_configs():
-    configs = []
-    for tile in TILE_ELEMENTS:
-        for block_k in BLOCK_K_CHOICES:
-            if block_k > tile:
-                continue
-            configs.append(triton.Config({"BLOCK_R": tile // block_k, "BLOCK_K": block_k},
-                                         num_warps=8 if tile >= 8192 else 4))
-    return configs
+    """Largest tiles first, narrowest BLOCK_K first: the order pruning and pinning prefer."""
+    return [triton.Config({"BLOCK_R": tile // block_k, "BLOCK_K": block_k}, num_warps=TILE_WARPS[tile])
+            for tile in TILE_ELEMENTS for block_k in BLOCK_K_CHOICES
+            if block_k <= tile and (tile, block_k) not in SPILLING_TILES]
 
 
 TILE_CONFIGS = _tile_configs()
@@ -48,6 +59,10 @@ def _widest_block_k(K: int) -> int:
     return max(BLOCK_K_CHOICES[0], min(BLOCK_K_CHOICES[-1], triton.next_power_of_2(K)))
 
 
+def _tile_elements(config) -> int:
+    return config.kwargs["BLOCK_R"] * config.kwargs["BLOCK_K"]
+
+
 def prune_tile_configs(configs, named_args, **kwargs):
     """Keep tiles whose BLOCK_K fits the unit-stride extent K: the widest that K fills
     and half of it; under the interpreter only the largest tiles (per-op overhead dominates)."""
@@ -55,8 +70,9 @@ def prune_tile_configs(configs, named_args, **kwargs):
     widest = _widest_block_k(K)
     wanted = (widest, widest // 2)
     kept = [c for c in configs if c.kwargs["BLOCK_K"] in wanted]
-    if interpreting():
-        kept = [c for c in kept if c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_K"] == TILE_ELEMENTS[0]]
+    if interpreting() and kept:
+        largest = max(_tile_elements(c) for c in kept)
+        kept = [c for c in kept if _tile_elements(c) == largest]
     if pinned():
         kept = kept[:1]
     return kept or configs[:1]
@@ -92,10 +108,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def gpu_target_programs(sm_count: int) -> tuple[int, int]:
+    """(programs wanted in flight, minimum elements per program) on a GPU with sm_count SMs."""
+    return 4 * sm_count, 16384
+
+
 def _target_programs(device: torch.device) -> tuple[int, int]:
-    """(programs wanted in flight, minimum elements per program)."""
     if device.type == "cuda" and not interpreting():
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 16384
+        return gpu_target_programs(_sm_count(device.index if device.index is not None
+                                             else torch.cuda.current_device()))
     return 4, 2048
 
 

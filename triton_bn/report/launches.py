@@ -1,0 +1,238 @@
+"""What to compile: the launches the library really makes, for representative shapes.
+
+The launchers run on ``meta`` tensors (no memory, no kernel) with every kernel of
+``triton_bn.kernels`` swapped for a recorder, so each recorded launch carries the launcher's
+own argument order, ints and constexprs. Arguments are then specialized as Triton's JIT does
+it (``_specialize``), and the launch is paired with every config it can run with: all of an
+autotuned kernel's configs (``kept`` marks those the pruning keeps for the shape), or the
+fixed launch config of a kernel that is not autotuned.
+
+Assumptions, stated once: tensor pointers are 16-byte aligned (PyTorch's allocator aligns
+to 512 bytes; the pruning targets 16-byte-aligned inputs); the statistics split is the one
+an H200 (132 SMs) gets.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import os
+import pkgutil
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Representative shapes: a ResNet-50 stage-1 batch norm, (N, C, H, W) = (32, 64, 56, 56).
+# NCHW: K = S = 3136 (a multiple of 16), strides (C*S, S, 1). NHWC: K = C = 64, Q = S,
+# strides (S*C, C, 1). NC: BatchNorm1d's 2-D input, channels-last with Q = 1.
+LAYOUTS = {
+    "NCHW": lambda dtype: torch.empty((32, 64, 56, 56), dtype=dtype, device="meta"),
+    "NHWC": lambda dtype: torch.empty((32, 64, 56, 56), dtype=dtype, device="meta")
+    .to(memory_format=torch.channels_last),
+    "NC": lambda dtype: torch.empty((256, 1024), dtype=dtype, device="meta"),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+H200_SMS = 132
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                    torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32",
+                    torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    """One (kernel specialization, config, arch) to compile; plain data, JSON-able."""
+    kernel: str  # "module:attribute" of the launched kernel object
+    name: str  # short label, e.g. "normalize"
+    variant: str  # "train" / "eval"
+    dtype: str
+    layout: str
+    signature: Tuple[Tuple[str, str], ...]  # (param, triton type or "constexpr"), in order
+    constexprs: Tuple[Tuple[str, Any], ...]  # tl dtypes encoded as ("tl", "fp32")
+    divisible: Tuple[str, ...]  # params with tt.divisibility=16
+    config: Tuple[Tuple[str, Any], ...]  # BLOCK_* constexprs of the config
+    num_warps: int
+    num_stages: int
+    autotuned: bool
+    kept: bool  # the autotuner's pruning keeps this config for this shape on a GPU
+    arch: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CompileJob":
+        def frozen(v):  # JSON turned the tuples into lists
+            return tuple(map(frozen, v)) if isinstance(v, list) else v
+        return cls(**{k: frozen(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def config_label(self) -> str:
+        return ",".join([f"{k}={v}" for k, v in self.config] + [f"w{self.num_warps}"])
+
+
+@dataclasses.dataclass
+class _Launch:
+    kernel: Any
+    qualname: str
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    def __init__(self, kernel, qualname, sink):
+        self.kernel, self.qualname, self.sink = kernel, qualname, sink
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append(_Launch(self.kernel, self.qualname, args, kwargs))
+
+
+def _python_fn(kernel):
+    inner = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    return inner.fn
+
+
+def _is_launchable_kernel(name: str, obj) -> bool:
+    if isinstance(obj, triton.runtime.Autotuner):
+        return True
+    return name.endswith("_kernel") and callable(getattr(obj, "__getitem__", None)) and hasattr(obj, "fn")
+
+
+def _kernel_modules():
+    import triton_bn.kernels as package
+    return [importlib.import_module(f"{package.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(package.__path__)]
+
+
+@contextlib.contextmanager
+def _recording(sink: list):
+    """Every module global that is a kernel becomes a recorder; the statistics split is an
+    H200's; the tuning rules are the GPU's (not the interpreter's, not pinned)."""
+    from triton_bn.kernels import tuning
+    saved, saved_env = [], {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_BN_PIN_CONFIG")}
+    try:
+        for module in _kernel_modules():
+            for name, obj in list(vars(module).items()):
+                if _is_launchable_kernel(name, obj):
+                    fn = _python_fn(obj)
+                    saved.append((module, name, obj))
+                    setattr(module, name, _Recorder(obj, f"{fn.__module__}:{fn.__name__}", sink))
+        saved.append((tuning, "_target_programs", tuning._target_programs))
+        tuning._target_programs = lambda device: tuning.gpu_target_programs(H200_SMS)
+        os.environ.update(TRITON_INTERPRET="0", TRITON_BN_PIN_CONFIG="0")
+        yield
+    finally:
+        for module, name, obj in saved:
+            setattr(module, name, obj)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _scenarios(x: torch.Tensor):
+    """(variant, thunk) for each way the library launches kernels on x."""
+    from triton_bn.kernels import bn_backward, bn_forward_eval, bn_forward_train
+    C = x.shape[1]
+    vec = lambda: torch.empty(C, dtype=torch.float32, device=x.device)  # noqa: E731
+    dy = torch.empty_like(x)
+    return [
+        ("train", lambda: bn_forward_train(x, vec(), vec(), vec(), vec(), 0.1, 1e-5)),
+        ("eval", lambda: bn_forward_eval(x, vec(), vec(), vec(), vec(), 1e-5)),
+        ("train", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=True)),
+        ("eval", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=False)),
+    ]
+
+
+def _specialize(name: str, value, do_not_specialize) -> Tuple[str, Any, bool]:
+    """(triton type, constexpr value or None, divisible by 16) the way Triton's JIT
+    specializes a runtime argument: ints equal to 1 become constants, ints and pointers
+    divisible by 16 get tt.divisibility=16; floats are fp32 and never specialized."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[value.dtype], None, True  # 16-byte aligned, see above
+    if value is None:
+        return "constexpr", None, False
+    if isinstance(value, bool):
+        return "u1", None, False
+    if isinstance(value, int):
+        if name not in do_not_specialize and value == 1:
+            return "constexpr", 1, False
+        kind = "i32" if -2**31 <= value < 2**31 else ("i64" if -2**63 <= value < 2**63 else "u64")
+        return kind, None, name not in do_not_specialize and value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"cannot specialize argument {name}={value!r}")
+
+
+def _encode_constexpr(value):
+    if isinstance(value, tl.dtype):
+        return ("tl", value.name)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise TypeError(f"constexpr {value!r} has no JSON form")
+
+
+def _launch_jobs(launch: _Launch, variant: str, dtype: str, layout: str, arch: int) -> List[CompileJob]:
+    kernel = launch.kernel
+    fn = _python_fn(kernel)
+    annotations = {p.name: p.annotation for p in inspect.signature(fn).parameters.values()}
+    params = list(annotations)
+    bound = dict(zip(params, launch.args))
+    bound.update({k: v for k, v in launch.kwargs.items() if k in params})
+    inner = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    do_not_specialize = {params[i] if isinstance(i, int) else i
+                         for i in getattr(inner, "do_not_specialize", ())}
+    signature, constexprs, divisible = [], [], []
+    for p in params:
+        if p not in bound:  # filled in by the autotune config
+            signature.append((p, "constexpr"))
+            continue
+        if "constexpr" in str(annotations[p]):
+            signature.append((p, "constexpr"))
+            constexprs.append((p, _encode_constexpr(bound[p])))
+            continue
+        kind, const, div = _specialize(p, bound[p], do_not_specialize)
+        signature.append((p, kind))
+        if kind == "constexpr":
+            constexprs.append((p, const))
+        if div:
+            divisible.append(p)
+    common = dict(kernel=launch.qualname, name=fn.__name__.removeprefix("_bn_").removesuffix("_kernel"),
+                  variant=variant, dtype=dtype, layout=layout, signature=tuple(signature),
+                  constexprs=tuple(constexprs), divisible=tuple(divisible), arch=arch)
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        blocks = tuple((k, v) for k, v in constexprs if k.startswith("BLOCK_"))
+        return [CompileJob(**common, config=blocks, num_warps=launch.kwargs.get("num_warps", 4),
+                           num_stages=launch.kwargs.get("num_stages", 3), autotuned=False, kept=True)]
+    prune = kernel.early_config_prune
+    kept = prune(kernel.configs, bound, **launch.kwargs) if prune else kernel.configs
+    return [CompileJob(**common, config=tuple(sorted(c.kwargs.items())), num_warps=c.num_warps,
+                       num_stages=c.num_stages, autotuned=True, kept=c in kept)
+            for c in kernel.configs]
+
+
+def compile_jobs(archs=(90,), dtypes=("fp32", "fp16", "bf16"), layouts=("NCHW", "NHWC"),
+                 kernels: Optional[List[str]] = None, kept_only: bool = False) -> List[CompileJob]:
+    """Every distinct (kernel specialization, config, arch) the library launches for the
+    representative shapes. ``kernels``: keep names containing any of these substrings."""
+    jobs: Dict[tuple, CompileJob] = {}
+    for layout in layouts:
+        for dtype in dtypes:
+            x = LAYOUTS[layout](DTYPES[dtype])
+            for variant, launch_all in _scenarios(x):
+                sink: List[_Launch] = []
+                with _recording(sink):
+                    launch_all()
+                for launch in sink:
+                    for arch in archs:
+                        for job in _launch_jobs(launch, variant, dtype, layout, arch):
+                            key = (job.kernel, job.signature, job.constexprs, job.config,
+                                   job.num_warps, job.num_stages, job.arch, job.layout)
+                            jobs.setdefault(key, job)
+    selected = [j for j in jobs.values()
+                if (not kernels or any(k in j.name for k in kernels)) and (j.kept or not kept_only)]
+    return selected
