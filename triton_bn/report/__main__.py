@@ -46,7 +46,7 @@ def _bits(bits: int) -> str:
 def _sort_key(row):
     name = row["name"]
     return (KERNEL_ORDER.index(name) if name in KERNEL_ORDER else len(KERNEL_ORDER), name, row["variant"],
-            row["layout"], row["dtype"], row["arch"], row["num_warps"], row["config_label"])
+            row["layout"], row["dtype"], row["arch"], -row["num_warps"], [v for _, v in row["config"]])
 
 
 def format_table(rows) -> str:
