@@ -192,11 +192,21 @@ def tile_access_lines(fn) -> Tuple[str, Dict[int, str]]:
     return os.path.realpath(inspect.getsourcefile(fn)), found
 
 
+def _same_source(ptx_file: str, source_file: str) -> bool:
+    """Triton's compile cache is keyed on the source text, not its path: a kernel compiled from
+    another checkout of the same code carries that checkout's path in its PTX. Compare the
+    path below the package instead of the absolute path."""
+    def tail(path):
+        parts = os.path.realpath(path).split(os.sep)
+        return parts[parts.index("triton_bn"):] if "triton_bn" in parts else parts[-1:]
+    return tail(ptx_file) == tail(source_file)
+
+
 def summarize_accesses(accesses: List[Access], tile_file: str, tile_lines: Dict[int, str]) -> dict:
     """Widest global load/store, and the narrowest load/store of the [N, Q, K] tiles."""
     def widths(kind, tile_only):
         return [a.bits for a in accesses if a.kind == kind and (
-            not tile_only or (a.file and os.path.realpath(a.file) == tile_file and a.line in tile_lines))]
+            not tile_only or (a.file and _same_source(a.file, tile_file) and a.line in tile_lines))]
     return dict(
         ldg_max=max(widths("load", False), default=0), stg_max=max(widths("store", False), default=0),
         tile_ldg_min=min(widths("load", True), default=0), tile_stg_min=min(widths("store", True), default=0),
