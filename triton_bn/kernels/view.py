@@ -43,6 +43,14 @@ class NQKView(NamedTuple):
         return self.N * (self.Q if self.channels_last else self.K)
 
 
+def _spatial_size(x: torch.Tensor) -> int:
+    """S, the product of the spatial sizes (1 when there are none)."""
+    S = 1
+    for size in x.shape[2:]:
+        S *= size
+    return S
+
+
 def _merged_spatial_stride(x: torch.Tensor) -> Optional[int]:
     """Stride of the merged spatial axis, or None when the spatial dims do not merge."""
     dims = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size != 1]
@@ -60,7 +68,7 @@ def choose_channels_last(x: torch.Tensor) -> Optional[bool]:
     if s_stride is None:
         return None
     C = x.shape[1]
-    S = x[0, 0].numel() if x.dim() > 2 else 1
+    S = _spatial_size(x)
     c_stride = x.stride(1)
     if S == 1:
         return True  # (N, C): rows are samples, the channel axis is the only inner one
@@ -88,10 +96,7 @@ def nqk_view(x: torch.Tensor, channels_last: bool) -> NQKView:
     s_stride = _merged_spatial_stride(x)
     if s_stride is None:
         raise ValueError("spatial dimensions of the tensor do not merge into one strided axis")
-    N, C = x.shape[0], x.shape[1]
-    S = 1
-    for size in x.shape[2:]:
-        S *= size
+    N, C, S = x.shape[0], x.shape[1], _spatial_size(x)
     n_stride, c_stride = x.stride(0), x.stride(1)
     if channels_last:
         return NQKView(x, N, S, C, n_stride, s_stride, c_stride, True)
