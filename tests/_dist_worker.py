@@ -102,7 +102,10 @@ def check_layer(rank, world, sizes, tail, dtype, layout="contiguous", momentum=0
         checks += [(f"step {step} y", y, _local(y_ref, sizes, rank), dtype),
                    (f"step {step} dx", x.grad, _local(dx_ref, sizes, rank), dtype)]
         if affine and x.numel() == 0:
-            assert bn.weight.grad is None and bn.bias.grad is None, "empty rank: torch leaves dgamma None"
+            # torch leaves them None, and DDP's all-reduce then waits for them: zeros instead.
+            for name, grad in (("dweight", bn.weight.grad), ("dbias", bn.bias.grad)):
+                assert grad is not None and grad.dtype == bn.weight.dtype, f"empty rank: {name} is {grad}"
+                assert torch.equal(grad, torch.zeros_like(grad)), f"empty rank: {name} = {grad}"
         elif affine:
             # torch.nn.SyncBatchNorm's parameter gradients: this rank's share, with global statistics.
             checks += [(f"step {step} dweight", bn.weight.grad, (dy_local * xhat).sum(_reduce_dims(xhat)), dtype),
@@ -189,6 +192,9 @@ def check_ddp(rank, world, sizes, steps=3):
         optimizer.zero_grad()
         out = model(_local(x_full, sizes, rank))
         ((out - _local(target_full, sizes, rank)) ** 2).sum().div(total).backward()
+        bn = model.module[1]
+        # Every rank, an empty one too, hands DDP a gradient for every parameter.
+        assert bn.weight.grad is not None and bn.bias.grad is not None, f"rank {rank}: BN gradient None"
         optimizer.step()
         ref_optimizer.zero_grad()
         ((reference(x_full.double()) - target_full.double()) ** 2).sum().div(total * world).backward()

@@ -84,7 +84,7 @@ def test_combine_groups_merges_uneven_and_empty_groups(device):
     """Groups of very different sizes (and an empty one) merge to the statistics of the union."""
     parts = [random_input((n, 3, 5), torch.float32, device, seed=10 + n, mean=n, std=1 + n) for n in (1, 7, 20)]
     moments = [bn_stats_combine(bn_stats_partial(input_view(p)), 1e-5, return_moments=True)[2] for p in parts]
-    moments.append(torch.zeros(3, 3, device=device))
+    moments.append(torch.zeros(4, 3, device=device))
     mean, invstd = bn_stats_combine_groups(torch.stack(moments), 1e-5)
     ref_mean, ref_var = _stats64(torch.cat(parts))
     assert_close(mean, ref_mean, name="mean", tol=2e-6)

@@ -2,8 +2,9 @@
 
 Forward (training), on every rank of the process group:
 
-    local moments   (mean_r, M2_r, n_r) per channel    bn_stats_partial + bn_stats_combine
-    one all_gather  -> [W, 3, C]                        every rank's moments, exact for uneven
+    local moments   (mean_r, M2_r, n_r, pivot_r)        bn_stats_partial + bn_stats_combine
+                    per channel (mean_r of x - pivot_r)
+    one all_gather  -> [W, 4, C]                        every rank's moments, exact for uneven
                                                         batches and ranks with n_r = 0
     Chan-combine    -> global mean, invstd              bn_stats_combine_groups, which also
                                                         updates the running statistics (unbiased
@@ -19,9 +20,11 @@ Backward, with xhat = (x - mean) * invstd and the global sums over every rank's 
 
 dgamma and dbeta stay local, as ``torch.nn.SyncBatchNorm`` returns them: each rank's share of
 the gradient of the sum of all ranks' losses; DDP's gradient all-reduce adds (and averages) them.
+A rank with an empty batch returns zeros for them (torch returns None, which leaves DDP's
+all-reduce waiting for that rank's gradient).
 
 Bytes each rank sends per layer (C channels, float32 moments; float64 for double input):
-forward all_gather 3 * C * 4 (it receives W times that), backward all_reduce 2 * C * 4.
+forward all_gather 4 * C * 4 (it receives W times that), backward all_reduce 2 * C * 4.
 
 The element counts never leave the device (no ``.item()``), so the forward and backward can be
 captured in a CUDA graph with NCCL.
@@ -46,7 +49,7 @@ __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "
 
 
 def _all_gather_moments(moments: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    """Every rank's [3, C] moments stacked as [W, 3, C], in rank order (one collective)."""
+    """Every rank's [4, C] moments stacked as [W, 4, C], in rank order (one collective)."""
     gathered = torch.empty((world_size, *moments.shape), dtype=moments.dtype, device=moments.device)
     if moments.device.type == "cpu" or dist.get_backend(group) == "gloo":
         # Gloo (which serves CPU tensors) has no all_gather into one tensor: gather into
@@ -72,7 +75,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         else:
             # An empty rank contributes count 0 (which the combine ignores) but must still
             # join the collective, or its peers would wait for it forever.
-            moments = torch.zeros((3, C), dtype=acc_dtype(input.dtype), device=input.device)
+            moments = torch.zeros((4, C), dtype=acc_dtype(input.dtype), device=input.device)
         gathered = _all_gather_moments(moments, group, world_size)
         mean, invstd = bn_stats_combine_groups(gathered, eps, running_mean=running_mean, running_var=running_var,
                                                momentum=momentum, num_batches_tracked=num_batches_tracked)
@@ -80,6 +83,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y = bn_normalize(view, mean, invstd, weight, bias) if input.numel() > 0 else torch.empty_like(input)
         ctx.save_for_backward(input, weight, mean, invstd, count)
         ctx.group = group
+        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
         return y
 
     @staticmethod
@@ -93,10 +97,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dy = mergeable(grad_output)
             if need_dx or need_dw or need_db:
                 sums, d_weight, d_bias = bn_backward_reduce(view, dy, mean, invstd, weight,
-                                                            grad_weight=need_dw, grad_bias=need_db)
+                                                            grad_weight=need_dw, grad_bias=need_db,
+                                                            param_dtype=ctx.param_dtype)
         else:
-            # dgamma, dbeta stay None (zero), as torch's SyncBatchNorm returns them.
-            sums = torch.zeros((2, input.shape[1]), dtype=mean.dtype, device=input.device)
+            C = input.shape[1]
+            sums = torch.zeros((2, C), dtype=mean.dtype, device=input.device)
+            # An empty batch contributes nothing: zero gradients, not None. torch returns None
+            # here, and then DDP's gradient all-reduce waits on this rank for a gradient that
+            # never comes.
+            zeros = lambda: torch.zeros(C, dtype=ctx.param_dtype, device=input.device)  # noqa: E731
+            d_weight = zeros() if need_dw else None
+            d_bias = zeros() if need_db else None
         if need_dx:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
             if input.numel() > 0:

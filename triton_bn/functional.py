@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .kernels import bn_backward, bn_forward_eval, bn_forward_train
-from .kernels.tuning import interpreting
+from .kernels.tuning import cpu_kernels, interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -22,16 +22,32 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def uses_kernels(x: torch.Tensor) -> bool:
     """Whether ``x`` runs through the Triton kernels (vs. torch's fallback)."""
-    return x.is_cuda or (x.device.type == "cpu" and interpreting())
+    return x.is_cuda or (x.device.type == "cpu" and cpu_kernels())
+
+
+def backend(x: torch.Tensor) -> str:
+    """Which path a batch norm of ``x`` takes: "triton" (a CUDA tensor: compiled kernels),
+    "triton-interpreter" (a CPU tensor with TRITON_INTERPRET=1 set before triton's import:
+    the same kernels, interpreted, slowly), or "torch" (anything else: torch's own batch_norm)."""
+    if x.is_cuda:
+        return "triton"
+    if x.device.type == "cpu" and interpreting():
+        return "triton-interpreter"
+    if x.device.type == "cpu" and cpu_kernels():
+        return "triton"
+    return "torch"
+
+
+def _scalar_type_name(dtype: torch.dtype) -> str:
+    """torch's C++ name of a dtype, as its error messages print it ('Long', 'ComplexFloat')."""
+    return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
 
 
 def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, check_count=True):
-    """torch's checks and messages. ``check_count=False`` skips "more than 1 value per channel"
-    (SyncBatchNorm: the count that matters is global, on the device)."""
-    if momentum is None:
-        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{input.dtype}'")
+    """torch's checks and messages, in torch's order: F.batch_norm's Python checks (count, eps),
+    the binding's argument types, then ATen's (sizes, running statistics, dtype, devices).
+    ``check_count=False`` skips "more than 1 value per channel" (SyncBatchNorm: the count that
+    matters is global, on the device)."""
     if training and check_count:
         size = input.shape
         per_channel = size[0]
@@ -43,17 +59,22 @@ def _check_args(input, running_mean, running_var, weight, bias, training, moment
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if not training and (running_mean is None or running_var is None):
-        name = "running_mean" if running_mean is None else "running_var"
-        raise RuntimeError(f"{name} must be defined in evaluation mode")
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     C = input.shape[1]
     params = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
     for name, t in params.items():
         if t is None:
-            continue
-        if t.numel() != C:
+            if not training and name.startswith("running"):
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+        elif t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-        if t.device != input.device:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_scalar_type_name(input.dtype)}'")
+    for name, t in params.items():
+        if t is not None and t.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
                                f"{t.device} and input is on {input.device}")
     dtypes = {t.dtype for t in params.values() if t is not None}
@@ -79,6 +100,7 @@ class BatchNormFunction(torch.autograd.Function):
             mean, stat = running_mean, running_var
         ctx.save_for_backward(input, weight, mean, stat)
         ctx.training, ctx.eps = training, eps
+        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
         return y
 
     @staticmethod
@@ -86,7 +108,7 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, mean, stat = ctx.saved_tensors
         dx, dw, db = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training,
-                                 ctx.needs_input_grad[:3])
+                                 ctx.needs_input_grad[:3], param_dtype=ctx.param_dtype)
         return dx, dw, db, None, None, None, None, None, None
 
 

@@ -50,10 +50,13 @@ def bn_forward_eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
 
 def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                 mean: torch.Tensor, stat: torch.Tensor, eps: float = 0.0, training: bool = True,
-                needs_input_grad=(True, True, True), splits: Optional[int] = None):
+                needs_input_grad=(True, True, True), splits: Optional[int] = None,
+                param_dtype: Optional[torch.dtype] = None):
     """(dx, dweight, dbias), each None where not needed.
 
     ``mean``/``stat`` are save_mean/save_invstd (training) or running_mean/running_var (eval).
+    ``param_dtype``: the dtype of weight and bias, hence of their gradients (needed when there
+    is a bias but no weight; default: the weight's, else the input's).
     """
     view = input_view(x)
     dy = mergeable(dy)
@@ -63,7 +66,8 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     sums = d_weight = d_bias = None
     if need_dw or need_db or (need_dx and training):
         sums, d_weight, d_bias = bn_backward_reduce(view, dy, mean, stat, weight, eps, stat_is_var,
-                                                    grad_weight=need_dw, grad_bias=need_db, splits=splits)
+                                                    grad_weight=need_dw, grad_bias=need_db, splits=splits,
+                                                    param_dtype=param_dtype)
     dx = None
     if need_dx:
         inv_count = 1.0 / max(view.per_channel, 1)

@@ -24,7 +24,7 @@ from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_para
 from .normalize import elementwise_grid
 from .stats import acc_dtype, tl_dtype
 from .tuning import autotune_tiles, stats_splits
-from .view import NQKView, nqk_view
+from .view import NQKView, empty_output, nqk_view
 
 
 @autotune_tiles()
@@ -144,8 +144,12 @@ def _bn_backward_dx_kernel(
 
 def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                        weight: Optional[torch.Tensor] = None, eps: float = 0.0, stat_is_var: bool = False,
-                       grad_weight: bool = True, grad_bias: bool = True, splits: Optional[int] = None):
-    """Per-channel (sums [2, C] = (sum dy, sum dy (x - mean)), dgamma or None, dbeta or None)."""
+                       grad_weight: bool = True, grad_bias: bool = True, splits: Optional[int] = None,
+                       param_dtype: Optional[torch.dtype] = None):
+    """Per-channel (sums [2, C] = (sum dy, sum dy (x - mean)), dgamma or None, dbeta or None).
+
+    dgamma and dbeta take ``param_dtype``, the dtype of the parameters (fp32 under AMP with
+    half input); default: the weight's, else the input's."""
     x = view.tensor
     C = view.C
     dy_view = nqk_view(dy, view.channels_last)
@@ -160,7 +164,8 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
         split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
         CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
     )
-    param_dtype = weight.dtype if weight is not None else x.dtype
+    if param_dtype is None:
+        param_dtype = weight.dtype if weight is not None else x.dtype
     sums = torch.empty((2, C), dtype=partial.dtype, device=x.device)
     d_weight = torch.empty(C, dtype=param_dtype, device=x.device) if grad_weight else None
     d_bias = torch.empty(C, dtype=param_dtype, device=x.device) if grad_bias else None
@@ -180,7 +185,7 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     """dx for the view's input; ``sums`` from bn_backward_reduce (ignored in eval mode)."""
     x = view.tensor
     C = view.C
-    dx = torch.empty_like(x)
+    dx = empty_output(view)
     dy_view = nqk_view(dy, view.channels_last)
     dx_view = nqk_view(dx, view.channels_last)
     _bn_backward_dx_kernel[elementwise_grid(view)](

@@ -1,15 +1,9 @@
 """@triton.jit building blocks shared by the kernels: addressing and the moment algebra.
 
-Moments of a group of values are (mean, M2, count), M2 = sum((x - mean)^2). Two groups a, b
-merge exactly (Chan et al.):
-
-    n = n_a + n_b,  delta = mean_b - mean_a
-    mean = mean_a + delta * n_b / n
-    M2   = M2_a + M2_b + delta^2 * n_a * n_b / n
-
-and many groups g at once: mean = sum(n_g mean_g) / n, M2 = sum(M2_g + n_g (mean_g - mean)^2).
-Only centered quantities are ever summed, never sum(x) and sum(x^2), whose difference loses
-every digit when |mean| >> std.
+Moments of a group of values are (mean, M2, count), M2 = sum((x - mean)^2). Groups merge
+exactly (Chan et al.): mean = sum(n_g mean_g) / n, M2 = sum(M2_g + n_g (mean_g - mean)^2).
+Sums of x and x^2 are only ever taken of values shifted by a per-channel pivot near the data
+(stats.py), never of raw x, whose sum of squares loses every digit when |mean| >> std.
 """
 import triton
 import triton.language as tl
@@ -52,12 +46,28 @@ def _elementwise_tile(N, Q, K, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexp
 
 
 @triton.jit
-def _tile_moments(x, valid, axis: tl.constexpr):
-    """Moments of the valid elements of x along ``axis``: tile mean first, then centered M2."""
-    count = tl.sum(valid.to(x.dtype), axis)
-    mean = tl.sum(tl.where(valid, x, 0.0), axis) / tl.maximum(count, 1.0)
-    centered = tl.where(valid, x - tl.expand_dims(mean, axis), 0.0)
-    return mean, tl.sum(centered * centered, axis), count
+def _lane_counts(rows, cols, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_R, BLOCK_K] int32 count of the elements each tile lane visits in a reduction loop
+    over ``rows`` x ``cols`` (both loops step by the block; channels-last visits one column
+    block only). Known from the geometry, so the loop need not count."""
+    r = tl.arange(0, BLOCK_R)
+    k = tl.arange(0, BLOCK_K)
+    lane_rows = tl.maximum(rows - r + BLOCK_R - 1, 0) // BLOCK_R
+    if CHANNELS_LAST:
+        lane_cols = (k < cols).to(tl.int32)
+    else:
+        lane_cols = tl.maximum(cols - k + BLOCK_K - 1, 0) // BLOCK_K
+    return lane_rows[:, None] * lane_cols[None, :]
+
+
+@triton.jit
+def _is_finite(v):
+    return tl.abs(v) < float("inf")  # False for NaN and +-Inf
+
+
+@triton.jit
+def _finite_or_zero(v):
+    return tl.where(_is_finite(v), v, 0.0)
 
 
 @triton.jit
@@ -67,14 +77,6 @@ def _merge_groups(mean, m2, count, axis: tl.constexpr):
     merged_mean = tl.sum(count * mean, axis) / tl.maximum(total, 1.0)
     delta = mean - tl.expand_dims(merged_mean, axis)
     return merged_mean, tl.sum(m2 + count * delta * delta, axis), total
-
-
-@triton.jit
-def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
-    n = n_a + n_b
-    weight_b = n_b / tl.maximum(n, 1.0)
-    delta = mean_b - mean_a
-    return mean_a + delta * weight_b, m2_a + m2_b + delta * delta * n_a * weight_b, n
 
 
 def split_float(value: float):

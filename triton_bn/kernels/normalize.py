@@ -19,7 +19,7 @@ from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_para
                       _tile_offsets)
 from .stats import tl_dtype
 from .tuning import autotune_tiles
-from .view import NQKView, nqk_view
+from .view import NQKView, empty_output, nqk_view
 
 
 @autotune_tiles()
@@ -59,10 +59,10 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
                  eps: float = 0.0, stat_is_var: bool = False,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = (x - mean) * invstd * weight + bias over the view's tensor, written into ``out``
-    (default: ``empty_like``, which keeps the input's memory format). ``stat`` is invstd, or
-    the running variance when ``stat_is_var`` (eval mode; then eps is used)."""
+    (default: ``empty_output``, the input's memory format where the kernels can address it).
+    ``stat`` is invstd, or the running variance when ``stat_is_var`` (eval mode; then eps is used)."""
     x = view.tensor
-    y = torch.empty_like(x) if out is None else out
+    y = empty_output(view) if out is None else out
     y_view = nqk_view(y, view.channels_last)
     _bn_normalize_kernel[elementwise_grid(view)](
         x, y, mean, stat,

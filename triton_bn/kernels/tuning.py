@@ -8,6 +8,12 @@ candidate once (so every config path executes) and reports equal times, which ma
 autotuner keep the first, i.e. the preferred, config deterministically.
 
 ``TRITON_BN_PIN_CONFIG=1`` pins every autotuned kernel to its first pruned config.
+``TRITON_BN_INTERPRET_GPU_PRUNING=1`` makes the interpreter keep the candidates a GPU keeps
+(several per key), so the tuning workflow (``python -m triton_bn.tune``, docs/tuning.md) and
+its tests exercise the benchmarking path on the CPU.
+
+Every autotuned kernel is registered by name (``autotuned_kernels()``): the tuning tool
+enumerates them, reads their candidate configs and pre-fills their autotune caches.
 
 The config list is checked against the machine code (``python -m triton_bn.report``,
 guarded by tests/test_report.py): no shipped config spills registers, and every one reaches
@@ -41,8 +47,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cpu_kernels() -> bool:
+    """Whether CPU tensors run the Triton kernels: under the interpreter, or with
+    TRITON_BN_CPU_KERNELS=1, set by tools whose Triton driver takes CPU pointers (perf's
+    host-cost benchmark stubs the launch)."""
+    return interpreting() or os.environ.get("TRITON_BN_CPU_KERNELS", "0") == "1"
+
+
 def pinned() -> bool:
     return os.environ.get("TRITON_BN_PIN_CONFIG", "0") == "1"
+
+
+def gpu_pruning() -> bool:
+    return not interpreting() or os.environ.get("TRITON_BN_INTERPRET_GPU_PRUNING", "0") == "1"
 
 
 def _tile_configs():
@@ -65,12 +82,13 @@ def _tile_elements(config) -> int:
 
 def prune_tile_configs(configs, named_args, **kwargs):
     """Keep tiles whose BLOCK_K fits the unit-stride extent K: the widest that K fills
-    and half of it; under the interpreter only the largest tiles (per-op overhead dominates)."""
+    and half of it; under the interpreter only the largest tiles (per-op overhead dominates)
+    unless TRITON_BN_INTERPRET_GPU_PRUNING=1."""
     K = named_args["K"]
     widest = _widest_block_k(K)
     wanted = (widest, widest // 2)
     kept = [c for c in configs if c.kwargs["BLOCK_K"] in wanted]
-    if interpreting() and kept:
+    if not gpu_pruning() and kept:
         largest = max(_tile_elements(c) for c in kept)
         kept = [c for c in kept if _tile_elements(c) == largest]
     if pinned():
@@ -92,11 +110,27 @@ def do_bench(kernel_call, quantiles=None, **kwargs):
     return bench(kernel_call, quantiles=quantiles, **kwargs)
 
 
+# Kernel name -> its triton Autotuner, filled by autotune_tiles() as the kernel modules load.
+_AUTOTUNED: dict = {}
+
+
+def autotuned_kernels() -> dict:
+    """{kernel function name: Autotuner} of every autotuned kernel (``.configs`` are the
+    candidates, ``.cache`` maps an autotune key to the chosen config)."""
+    return dict(_AUTOTUNED)
+
+
 def autotune_tiles():
     """The autotune decorator shared by the partial-reduction and elementwise kernels."""
-    return triton.autotune(configs=TILE_CONFIGS, key=TUNING_KEY,
-                           prune_configs_by={"early_config_prune": prune_tile_configs},
-                           do_bench=do_bench)
+    autotune = triton.autotune(configs=TILE_CONFIGS, key=TUNING_KEY,
+                               prune_configs_by={"early_config_prune": prune_tile_configs},
+                               do_bench=do_bench)
+
+    def register(fn):
+        kernel = autotune(fn)
+        _AUTOTUNED[kernel.base_fn.__name__] = kernel
+        return kernel
+    return register
 
 
 # ---------------------------------------------------------------------------------------------

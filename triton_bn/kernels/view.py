@@ -101,3 +101,17 @@ def nqk_view(x: torch.Tensor, channels_last: bool) -> NQKView:
     if channels_last:
         return NQKView(x, N, S, C, n_stride, s_stride, c_stride, True)
     return NQKView(x, N, C, S, n_stride, c_stride, s_stride, False)
+
+
+def empty_output(view: NQKView) -> torch.Tensor:
+    """An uninitialized tensor of the view's shape for an output (y, dx) that the kernels can
+    address: ``empty_like`` (the input's memory format) when its spatial dims merge, else a
+    dense tensor in the view's orientation. empty_like of a non-dense input (expanded,
+    permuted) picks strides of its own, which need not merge even where the input's do."""
+    x = view.tensor
+    out = torch.empty_like(x)
+    if _merged_spatial_stride(out) is not None:
+        return out
+    if view.channels_last:
+        return torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=x.dtype, device=x.device).movedim(-1, 1)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
