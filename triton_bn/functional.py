@@ -1,5 +1,5 @@
-"""Layer 2: argument checks, the autograd Function, and ``batch_norm`` with
-``torch.nn.functional.batch_norm``'s signature.
+"""Layer 2b: argument checks, the autograd Function, and ``batch_norm`` with
+``torch.nn.functional.batch_norm``'s signature (over layer 2a, ops.py, and layer 1, kernels/).
 
 Every check runs before any kernel, so a bad call never leaves running statistics
 half-updated. CUDA tensors run the Triton kernels; CPU tensors run them through Triton's
@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
+from . import ops
+from .composite import composite_grads
 from .kernels import bn_backward, bn_forward_eval, bn_forward_train
 from .kernels.tuning import cpu_kernels, interpreting
 
@@ -86,30 +86,67 @@ def _check_args(input, running_mean, running_var, weight, bias, training, moment
                            + (" or float32" if input.dtype in _HALF_DTYPES else "") + f"; got {got}")
 
 
+def _traced(x: torch.Tensor) -> bool:
+    """Whether this call is being traced (torch.compile, torch.export, make_fx, a fake or other
+    tensor subclass, a dispatch mode): then it must go through the registered ops, which
+    tracers see as one op with declared mutations. Eager calls skip the dispatcher and call
+    the same launchers directly (the dispatcher round trip costs more host time than a launch)."""
+    return (type(x) is not torch.Tensor or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """y = BN(x; weight, bias); running statistics are updated in place (training)."""
+    """(y, save_mean, save_invstd) = BN(x; weight, bias); running statistics updated in place
+    (training). In eval mode the second and third outputs are empty: the backward reads the
+    running statistics. setup_context makes it usable under torch.func transforms."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                num_batches_tracked):
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked):
         if training:
-            y, mean, stat = bn_forward_train(input, weight, bias, running_mean, running_var,
-                                             momentum, eps, num_batches_tracked)
+            if _traced(input):
+                return ops.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                         momentum, eps)
+            return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                                    num_batches_tracked)
+        if _traced(input):
+            y = ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
         else:
             y = bn_forward_eval(input, weight, bias, running_mean, running_var, eps)
-            mean, stat = running_mean, running_var
-        ctx.save_for_backward(input, weight, mean, stat)
-        ctx.training, ctx.eps = training, eps
-        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
-        return y
+        return y, input.new_empty((0,)), input.new_empty((0,))
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        input, weight, mean, stat = ctx.saved_tensors
-        dx, dw, db = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training,
-                                 ctx.needs_input_grad[:3], param_dtype=ctx.param_dtype)
-        return dx, dw, db, None, None, None, None, None, None
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, training, momentum, eps, _ = inputs
+        _, mean, stat = output
+        if not training:
+            mean, stat = running_mean, running_var
+        ctx.save_for_backward(input, weight, bias, mean, stat)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.training, ctx.eps = training, eps
+        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_stat):
+        input, weight, bias, mean, stat = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, gradient penalties): a differentiable
+            # composition of torch ops instead of the kernels.
+            grads = composite_grads(grad_output, input, weight, bias, mean, stat, ctx.training, ctx.eps, needs)
+        elif _traced(grad_output):
+            grads = ops.backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, list(needs),
+                                 ctx.param_dtype)
+            grads = tuple(g if need else None for g, need in zip(grads, needs))
+        else:
+            grads = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, needs,
+                                param_dtype=ctx.param_dtype)
+        return (*grads, None, None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(
+            "triton_bn.batch_norm has no torch.vmap rule (its kernels normalize one batch per call); "
+            "under vmap use torch.nn.functional.batch_norm, or loop over the vmapped dimension.")
 
 
 def _contiguous_param(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -145,17 +182,11 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    update = training and running_mean is not None and running_var is not None
-    rm = _contiguous_param(running_mean) if update or not training else None
-    rv = _contiguous_param(running_var) if update or not training else None
-    y = BatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(bias), rm, rv,
-                                training, float(momentum), float(eps),
-                                num_batches_tracked if cumulative_average else None)
-    if update:
-        # Non-contiguous running buffers were updated on a contiguous copy: write it back.
-        for buffer, updated in ((running_mean, rm), (running_var, rv)):
-            if updated.data_ptr() != buffer.data_ptr():
-                buffer.copy_(updated.view_as(buffer))
+    if not training:  # read only: any strides become the [C] vectors the kernels index
+        running_mean, running_var = _contiguous_param(running_mean), _contiguous_param(running_var)
+    y, _, _ = BatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(bias),
+                                      running_mean, running_var, training, float(momentum), float(eps),
+                                      num_batches_tracked if cumulative_average else None)
     return y
 
 

@@ -15,12 +15,12 @@ import torch
 from .backward import bn_backward_dx, bn_backward_reduce
 from .normalize import bn_normalize
 from .stats import bn_stats_combine, bn_stats_combine_groups, bn_stats_partial
-from .view import NQKView, choose_channels_last, mergeable, nqk_view
+from .view import NQKView, choose_channels_last, mergeable, nqk_view, output_for
 
 __all__ = [
     "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view",
     "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
-    "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view",
+    "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view", "output_for",
 ]
 
 
@@ -35,11 +35,20 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
                      momentum: float = 0.1, eps: float = 1e-5,
                      num_batches_tracked: Optional[torch.Tensor] = None,
                      splits: Optional[int] = None):
-    """(y, save_mean, save_invstd) from batch statistics; running stats updated in place."""
+    """(y, save_mean, save_invstd) from batch statistics; running stats updated in place (any
+    strides: a non-contiguous buffer is updated through a contiguous copy, written back)."""
     view = input_view(x)
     partial = bn_stats_partial(view, splits)
-    mean, invstd = bn_stats_combine(partial, eps, running_mean, running_var, momentum, num_batches_tracked)
+    rm, rv = _contiguous(running_mean), _contiguous(running_var)
+    mean, invstd = bn_stats_combine(partial, eps, rm, rv, momentum, num_batches_tracked)
+    for buffer, updated in ((running_mean, rm), (running_var, rv)):
+        if updated is not buffer:
+            buffer.copy_(updated.view_as(buffer))
     return bn_normalize(view, mean, invstd, weight, bias), mean, invstd
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def bn_forward_eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

@@ -115,3 +115,10 @@ def empty_output(view: NQKView) -> torch.Tensor:
     if view.channels_last:
         return torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=x.dtype, device=x.device).movedim(-1, 1)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def output_for(x: torch.Tensor) -> torch.Tensor:
+    """The uninitialized output (y, dx) the launchers allocate for input ``x``; metadata only,
+    so the ops' fake implementations use it to give the same strides."""
+    x = mergeable(x)
+    return empty_output(nqk_view(x, choose_channels_last(x)))

@@ -1,0 +1,47 @@
+"""Layer 2b helper: batch norm's gradients as a composition of torch ops, for double backward.
+
+The kernels' backward is a fused first-order formula; it is not itself differentiable. When
+autograd asks for a differentiable gradient (``create_graph=True``: gradient penalties such
+as WGAN-GP's, Hessian-vector products, ``torch.func`` nested transforms), BatchNormFunction's
+backward calls ``composite_grads`` instead: it recomputes y from x with torch ops (batch
+statistics in training, the running statistics as constants in eval) and differentiates that
+with ``create_graph=True``. Every op in it is differentiable, so any order works.
+
+Cost: one extra forward and backward of torch's unfused ops (about 10 elementwise and
+reduction kernels, roughly 3-4x the fused kernels' time), paid only when a graph of the
+gradient is requested. Accumulation is in float32 for half inputs (float64 for double), as in
+the kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def composite_grads(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], mean: torch.Tensor, stat: torch.Tensor, training: bool,
+                    eps: float, needs: Sequence[bool]):
+    """(dx, dweight, dbias) with autograd graphs attached, None where not needed.
+
+    ``mean``/``stat`` are the running mean/variance in eval mode (constants); in training the
+    statistics are recomputed from x so that their dependence on x is differentiated too.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
+    with torch.enable_grad():
+        xf = x.to(acc)
+        if training:
+            var, mu = torch.var_mean(xf, dims, correction=0, keepdim=True)
+        else:
+            var, mu = stat.to(acc).reshape(shape), mean.to(acc).reshape(shape)
+        y = (xf - mu) * torch.rsqrt(var + eps)
+        if weight is not None:
+            y = y * weight.to(acc).reshape(shape)
+        if bias is not None:
+            y = y + bias.to(acc).reshape(shape)
+        wanted = [t for t, need in zip((x, weight, bias), needs) if need and t is not None]
+        grads = iter(torch.autograd.grad(y, wanted, grad_output.to(acc), create_graph=True))
+    return tuple(next(grads).to(t.dtype) if need and t is not None else None
+                 for t, need in zip((x, weight, bias), needs))

@@ -1,0 +1,78 @@
+"""Layer 2a: the kernels as PyTorch operators (``torch.ops.triton_bn.*``).
+
+Registered with ``torch.library.custom_op``, each with a fake (meta) implementation, so that
+torch.compile, torch.export, CUDA graphs and FX see one opaque op per step, with exactly the
+mutations it makes declared in its schema:
+
+    triton_bn::forward_train(x, weight?, bias?, running_mean(a!)?, running_var(b!)?,
+                             num_batches_tracked?, momentum, eps) -> (y, save_mean, save_invstd)
+    triton_bn::forward_eval(x, weight?, bias?, running_mean, running_var, eps) -> y
+    triton_bn::backward(dy, x, weight?, mean, stat, eps, training, output_mask, param_dtype)
+                             -> (dx, dweight, dbias)     (a [0] tensor where output_mask is False)
+
+Why ``custom_op`` and not ``triton_op`` + ``wrap_triton``: the launchers are Python that picks
+a view, splits and grid per shape and chooses between kernels; ``triton_op`` would let
+Inductor see (and re-schedule) the individual kernels, but it traces that Python on fake
+tensors and, on the CPU, runs the kernels inside Inductor-generated code that the Triton
+interpreter cannot serve. An opaque op keeps one implementation for eager, compile, export
+and the interpreter; what it costs is that Inductor does not fuse into our kernels (it fuses
+around them), which the fused epilogues make up for.
+
+``num_batches_tracked`` is read (momentum=None reads the step count on the device) but not
+written: the caller increments it with a plain torch op, which compilers trace as usual.
+Autograd is not registered on these ops (torch refuses autograd formulas on ops that mutate
+their inputs); ``triton_bn.functional.BatchNormFunction`` wraps them, and calls the same
+launchers directly in eager mode, skipping the dispatcher (see functional.py).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels import bn_backward, bn_forward_eval, bn_forward_train, output_for
+from .kernels.stats import acc_dtype
+
+__all__ = ["forward_train", "forward_eval", "backward"]
+
+
+def _stat_vector(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("triton_bn::forward_train", mutates_args=("running_mean", "running_var"))
+def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked)
+
+
+@forward_train.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    return output_for(x), _stat_vector(x), _stat_vector(x)
+
+
+@torch.library.custom_op("triton_bn::forward_eval", mutates_args=())
+def forward_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    return bn_forward_eval(x, weight, bias, running_mean, running_var, eps)
+
+
+@forward_eval.register_fake
+def _(x, weight, bias, running_mean, running_var, eps):
+    return output_for(x)
+
+
+@torch.library.custom_op("triton_bn::backward", mutates_args=())
+def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, stat: Tensor, eps: float,
+             training: bool, output_mask: List[bool], param_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    grads = bn_backward(dy, x, weight, mean, stat, eps, training, tuple(output_mask), param_dtype=param_dtype)
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+
+
+@backward.register_fake
+def _(dy, x, weight, mean, stat, eps, training, output_mask, param_dtype):
+    need_dx, need_dw, need_db = output_mask
+    C = x.shape[1]
+    return (output_for(x) if need_dx else x.new_empty((0,)),
+            x.new_empty((C,), dtype=param_dtype) if need_dw and weight is not None else x.new_empty((0,)),
+            x.new_empty((C,), dtype=param_dtype) if need_db else x.new_empty((0,)))
