@@ -1,4 +1,10 @@
-"""Command line: ``python -m perf [run] ...``, ``python -m perf plot CSV``, ``python -m perf summary CSV``.
+"""Command line of the perf harness.
+
+    python -m perf [run] [options]            measure a suite -> CSV, summary, PNGs (options below)
+    python -m perf plot CSV [--out DIR]       redraw the PNGs of a CSV (no GPU needed)
+    python -m perf summary CSV                print the summary of a CSV
+    python -m perf host [options]             triton_bn's host cost per call against torch's, with
+                                              the GPU launch stubbed (no GPU needed; host --help)
 
 run (the default) measures a suite into ``<out>/<suite>-<gpu>.csv``, then writes the summary
 (``...-summary.txt``, also printed) and the PNGs from that CSV. Without CUDA it runs the ``tiny``
@@ -17,21 +23,14 @@ from . import env  # noqa: F401  (perf/__init__ has chosen the interpreter if ne
 from .bytes_model import OPS
 from .suites import SUITES, suite_cases
 
-COMMANDS = ("run", "plot", "summary")
-
-
 def _csv_list(text: str):
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def parse(argv):
-    argv = list(argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
-        argv.insert(0, "run")
-    parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="measure a suite -> CSV, summary, PNGs (the default command)")
+def run_parser() -> argparse.ArgumentParser:
+    """The top-level parser is run's, so ``python -m perf --help`` lists run's options."""
+    run = argparse.ArgumentParser(prog="python -m perf [run]", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--suite", choices=tuple(SUITES), default=None,
                      help="default: 'default' on a GPU, 'tiny' under the CPU interpreter")
     run.add_argument("--out", default="plots", help="output folder (default: plots)")
@@ -44,11 +43,27 @@ def parse(argv):
     run.add_argument("--rep-ms", type=int, default=50, help="do_bench repetition time per timing (GPU)")
     run.add_argument("--no-plots", action="store_true", help="CSV and summary only")
     run.add_argument("--list", action="store_true", help="print the suite's cases and exit")
-    for name, text in (("plot", "redraw the PNGs of a CSV"), ("summary", "print the summary of a CSV")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("csv", type=Path)
-        p.add_argument("--out", type=Path, default=None, help="output folder (default: the CSV's)")
-    return parser.parse_args(argv)
+    return run
+
+
+def csv_parser(command: str, text: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m perf {command}", description=text)
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the CSV's)")
+    return parser
+
+
+def parse(argv):
+    """run, plot or summary arguments, with ``command`` set (host parses its own: perf.host)."""
+    argv = list(argv)
+    if argv and argv[0] in ("plot", "summary"):
+        text = {"plot": "redraw the PNGs of a CSV", "summary": "print the summary of a CSV"}[argv[0]]
+        args = csv_parser(argv[0], text).parse_args(argv[1:])
+        args.command = argv[0]
+        return args
+    args = run_parser().parse_args(argv[1:] if argv[:1] == ["run"] else argv)
+    args.command = "run"
+    return args
 
 
 def resolve_suite(requested):
@@ -123,7 +138,11 @@ def command_summary(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["host"]:
+        from .host import main as command_host  # a process of its own (perf/host.py says why)
+        return command_host(argv[1:])
+    args = parse(argv)
     return {"run": command_run, "plot": command_plot, "summary": command_summary}[args.command](args)
 
 

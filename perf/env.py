@@ -47,8 +47,13 @@ def slug(name: str) -> str:
     """A file-name part for a device: 'NVIDIA H200' -> 'h200'; the interpreter -> 'cpu-interpreter'."""
     if mode() == CPU_INTERPRETER:
         return CPU_INTERPRETER
-    name = re.sub(r"\bnvidia\b", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+    return file_slug(re.sub(r"\bnvidia\b", "", name.lower())) or "gpu"
+
+
+def file_slug(name: str) -> str:
+    """A file-name part for any processor name: 'AMD EPYC 7B13 64-Core Processor' -> 'amd-epyc-7b13'."""
+    name = re.sub(r"\((r|tm)\)|\b(cpu|processor|\d+-core)\b|@.*$", " ", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
 
 
 def driver_version() -> str:

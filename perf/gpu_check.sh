@@ -2,8 +2,11 @@
 # The one prepared GPU check (written for the lent H200; any CUDA machine works):
 #   1. the whole test suite on the GPU        (python3 -m pytest -x -q, at most TEST_TIMEOUT s)
 #   2. the 'quick' perf suite -> CSV, summary, PNGs               (at most PERF_TIMEOUT s)
-# Total under 8 minutes with the default timeouts. Installs nothing (the device machine has no
-# network); without matplotlib the perf run still writes the CSV and summary, just no PNGs.
+# Under 8 minutes with the default timeouts: 210 + 240 s, plus 10 s of grace each for
+# `timeout -k` = 470 s at worst, and a few seconds of version queries and tar (the quick suite:
+# 9 cases, 3 of ResNet-50's shapes at batch 256 among them; test_perf.py keeps it at most 10).
+# Installs nothing (the device machine has no network); without matplotlib the perf run still
+# writes the CSV and summary, just no PNGs.
 #
 # Usage, from the repository root:   OUT=/some/dir bash perf/gpu_check.sh
 # Under $OUT (at most 8 files come back from the device tool, so the PNGs travel in a tarball):

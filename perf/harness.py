@@ -151,7 +151,7 @@ def measure_copy(x: torch.Tensor, timer: Callable) -> Outcome:
 def make_row(suite: str, case: Case, op: str, impl: str, outcome: Outcome, ceiling_gbps: float) -> dict:
     row = {"suite": suite, "sweep": case.sweep, "op": op, "impl": impl, "status": outcome.status,
            "shape": case.shape_str, "N": case.N, "C": case.C, "spatial": case.spatial, "numel": case.numel,
-           "dtype": case.dtype, "layout": case.layout,
+           "dtype": case.dtype, "layout": case.layout, "layers": case.layers or None,
            "unique_bytes": bytes_model.unique_bytes(op, case.numel, case.dtype),
            "config": outcome.config, "detail": outcome.detail}
     if outcome.timing is not None:

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 COLUMNS = ("suite", "sweep", "op", "impl", "status", "shape", "N", "C", "spatial", "numel", "dtype",
-           "layout", "unique_bytes", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "pct_of_ceiling",
+           "layout", "layers", "unique_bytes", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "pct_of_ceiling",
            "gflops", "intensity", "speedup_vs_torch", "speedup_vs_torch_native",
            "speedup_vs_torch_compile", "config", "detail")
-INT_COLUMNS = ("N", "C", "spatial", "numel", "unique_bytes")
+INT_COLUMNS = ("N", "C", "spatial", "numel", "layers", "unique_bytes")
+# Added after the first CSVs were written; read as empty when absent.
+OPTIONAL_COLUMNS = ("layers",)
 FLOAT_COLUMNS = ("time_ms", "time_p20_ms", "time_p80_ms", "gbps", "pct_of_ceiling", "gflops", "intensity",
                  "speedup_vs_torch", "speedup_vs_torch_native", "speedup_vs_torch_compile")
 HEADER_KEYS = ("label", "mode", "device", "driver", "torch", "triton", "cuda", "python", "date", "suite",
@@ -79,10 +81,10 @@ def read_csv(path: Path) -> tuple:
             else:
                 lines.append(line)
     reader = csv.DictReader(lines)
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or ()) and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ValueError(f"{path}: not a perf CSV, missing columns {missing}")
-    rows = [{c: _parse(c, row[c]) for c in COLUMNS} for row in reader]
+    rows = [{c: _parse(c, row.get(c) or "") for c in COLUMNS} for row in reader]
     return meta, rows
 
 

@@ -1,15 +1,18 @@
 """Named suites: lists of sweeps, each a set of shapes crossed with dtypes and layouts.
 
 Sweeps (the issue's a-d):
-  resnet50  the BatchNorm inputs of ResNet-50 (channels x spatial per stage) at batch 64 / 256
+  resnet50  the 12 distinct BatchNorm inputs of ResNet-50 (resnet50_layers) at batch 64 / 256;
+            each case carries how many of the network's 53 BN layers have its shape (the
+            summary weighs the ResNet-50 goal by it)
   size      total input size from 1 MB up at fixed C (16 x 64 x H x W)
   channels  channel count 3 .. 4096 at a fixed total size (few channels, huge spatial: where
             torch is weakest)
   bn1d      BatchNorm1d input (N, C) with N up to 10^6
+Only resnet50 counts toward the goals; the other sweeps are reported beside them.
 
 Suites: ``tiny`` (the CPU interpreter's pipeline check; seconds per case there), ``quick`` (a
-handful of GPU shapes, meant to fit 3 minutes including autotuning and torch.compile),
-``default`` and ``full``.
+handful of GPU shapes, meant to fit 4 minutes including autotuning and torch.compile),
+``default`` (every ResNet-50 shape at both batches, the three other sweeps) and ``full``.
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .bytes_model import ELEMENT_SIZE
+from .resnet50_layers import SHAPES as RESNET50_CHW, layers_of
 
-RESNET50_CHW = ((64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
-                (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7))
+# The tiny suite's interpreter-sized stand-ins (N = 2, C / 32, H / 7, W / 7) and the ResNet-50
+# shape each stands for, whose layer count it carries.
+TINY_RESNET50 = {(2, 2, 8, 8): (64, 56, 56), (2, 8, 2, 2): (256, 14, 14), (2, 32, 2, 2): (1024, 14, 14)}
 DTYPES = ("float32", "float16", "bfloat16")
 IMAGE_LAYOUTS = ("nchw", "channels_last")
 MB = 1 << 20
@@ -32,6 +37,7 @@ class Case:
     shape: tuple
     dtype: str
     layout: str  # nchw | channels_last (4-D), nc (2-D)
+    layers: int = 0  # ResNet-50 BN layers with this shape: the case's weight in the goal (0: not in it)
 
     @property
     def numel(self) -> int:
@@ -63,14 +69,20 @@ class Sweep:
     shapes: Callable[[str], Sequence[tuple]]  # dtype -> shapes (size sweeps depend on e)
     dtypes: Sequence[str] = DTYPES
     layouts: Sequence[str] = IMAGE_LAYOUTS
+    layers: Callable[[tuple], int] = lambda shape: 0  # shape -> ResNet-50 layers it weighs for
 
     def cases(self):
-        return [Case(self.name, tuple(shape), dtype, layout)
+        return [Case(self.name, tuple(shape), dtype, layout, self.layers(tuple(shape)))
                 for dtype in self.dtypes for layout in self.layouts for shape in self.shapes(dtype)]
 
 
 def resnet50(batches):
     return lambda dtype: [(b, c, h, w) for b in batches for c, h, w in RESNET50_CHW]
+
+
+def resnet50_sweep(shapes, **kwargs) -> Sweep:
+    """A resnet50 sweep over real ResNet-50 shapes, each weighted by its layer count."""
+    return Sweep("resnet50", shapes, layers=lambda shape: layers_of(shape[1:]), **kwargs)
 
 
 def _near_square(s: int) -> tuple:
@@ -109,26 +121,25 @@ def _powers(lo: int, hi: int, factor: int):
 
 SUITES = {
     "tiny": [  # stand-ins of each sweep, small enough for the interpreter (not ResNet-50's sizes)
-        Sweep("resnet50", fixed((2, 8, 8, 8))),
+        Sweep("resnet50", fixed(*TINY_RESNET50), layers=lambda shape: layers_of(TINY_RESNET50[shape])),
         Sweep("size", by_size([8 << 10, 32 << 10], C=4, N=2), dtypes=("float32",)),
         Sweep("channels", by_channels([3, 16], 16 << 10, N=2), dtypes=("float32",)),
         Sweep("bn1d", bn1d([256, 1024], 8), dtypes=("float32",), layouts=("nc",)),
     ],
-    "quick": [
-        Sweep("resnet50", fixed((256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7)),
-              dtypes=("float16",)),
-        Sweep("resnet50", fixed((256, 64, 56, 56)), dtypes=("float32",), layouts=("nchw",)),
+    "quick": [  # the largest shape, the one with the most layers (11) and the smallest
+        resnet50_sweep(fixed((256, 64, 112, 112), (256, 256, 14, 14), (256, 2048, 7, 7)), dtypes=("float16",)),
+        resnet50_sweep(fixed((256, 64, 56, 56)), dtypes=("float32",), layouts=("nchw",)),
         Sweep("channels", by_channels([3], 256 * MB), dtypes=("float16",), layouts=("nchw",)),
         Sweep("bn1d", bn1d([10 ** 6], 256), dtypes=("float16",), layouts=("nc",)),
     ],
     "default": [
-        Sweep("resnet50", resnet50([256])),
+        resnet50_sweep(resnet50([64, 256])),
         Sweep("size", by_size(_powers(MB, 2048 * MB, 4) + [2048 * MB])),
         Sweep("channels", by_channels([3, 8, 32, 128, 512, 2048, 4096], 256 * MB)),
         Sweep("bn1d", bn1d([10 ** 3, 10 ** 4, 10 ** 5, 10 ** 6], 256), layouts=("nc",)),
     ],
     "full": [
-        Sweep("resnet50", resnet50([64, 256])),
+        resnet50_sweep(resnet50([64, 256])),
         Sweep("size", by_size(_powers(MB, 2048 * MB, 2))),
         Sweep("channels", by_channels([3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096], 256 * MB)),
         Sweep("bn1d", bn1d([10 ** 2, 10 ** 3, 3 * 10 ** 3, 10 ** 4, 3 * 10 ** 4, 10 ** 5, 3 * 10 ** 5, 10 ** 6], 256),

@@ -118,7 +118,7 @@ def test_convert_model_keeps_everything(device):
     assert converted is model  # children replaced in place
     assert type(model.features[1]) is triton_bn.BatchNorm2d and type(model.features[4]) is triton_bn.BatchNorm2d
     assert type(model.head[2]) is triton_bn.BatchNorm1d and type(model.bn3d) is triton_bn.BatchNorm3d
-    assert type(model.sync) is nn.SyncBatchNorm
+    assert type(model.sync) is triton_bn.SyncBatchNorm and model.sync.process_group is None
     assert all(p is params_before[n] for n, p in model.named_parameters()), "parameters must be the same objects"
     assert not model.features[1].training and model.features[4].training
     assert model.features[1].running_mean.device.type == torch.device(device).type

@@ -20,8 +20,9 @@ from perf.check import Reference, mismatch  # noqa: E402
 from perf.harness import make_inputs, measure_case  # noqa: E402
 from perf.impls import EPS, MOMENTUM, TorchEager, make_impls  # noqa: E402
 from perf.results import COLUMNS, HEADER_KEYS, add_speedups, read_csv, write_csv  # noqa: E402
-from perf.suites import RESNET50_CHW, SUITES, Case, suite_cases  # noqa: E402
-from perf.summary import summarize  # noqa: E402
+from perf.resnet50_layers import EXPECTED, LAYER_COUNT, LAYERS, SHAPES, bn_layers  # noqa: E402
+from perf.suites import RESNET50_CHW, SUITES, TINY_RESNET50, Case, suite_cases  # noqa: E402
+from perf.summary import geomean, goal_lines, summarize  # noqa: E402
 
 ON_CPU = env.mode() == env.CPU_INTERPRETER
 
@@ -52,10 +53,43 @@ def test_bytes_model_predictions_and_rate():
 
 # ------------------------------------------------------------------------------------------ suites
 
+# ------------------------------------------------------------------------------------------ ResNet-50 layers
+
+def test_resnet50_has_53_bn_layers_in_12_shapes():
+    assert len(LAYERS) == 53 and len(SHAPES) == 12 == len(RESNET50_CHW)
+    assert dict(LAYER_COUNT) == EXPECTED and sum(EXPECTED.values()) == 53
+    names = [layer.name for layer in LAYERS]
+    assert names[:5] == ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer1.0.bn3", "layer1.0.downsample.1"]
+    assert names[-1] == "layer4.2.bn3" and len(set(names)) == 53
+    # The stride sits on conv2 (v1.5): a downsampling block's bn1 still sees the previous size.
+    by_name = {layer.name: layer.chw for layer in LAYERS}
+    assert by_name["layer2.0.bn1"] == (128, 56, 56) and by_name["layer2.0.bn2"] == (128, 28, 28)
+    assert by_name["layer4.0.downsample.1"] == (2048, 7, 7)
+    assert [layer.chw for layer in bn_layers(448)][0] == (64, 224, 224)  # sizes follow the input
+
+
+def test_resnet50_layers_match_the_model_module_for_module():
+    """Against perf/resnet50.py's own model (written separately, from the architecture)."""
+    model = pytest.importorskip("perf.resnet50")
+    shapes = getattr(model, "bn_input_shapes", None)
+    if shapes is None:
+        pytest.skip("perf.resnet50 has no bn_input_shapes")
+    assert [(name, tuple(shape[1:])) for name, shape in shapes(batch=2)] == [(l.name, l.chw) for l in LAYERS]
+
+
+# ------------------------------------------------------------------------------------------ suites
+
 def test_suites_cover_the_issue_sweeps():
     full = suite_cases("full")
     resnet = {c.shape for c in full if c.sweep == "resnet50"}
     assert resnet == {(b, *chw) for b in (64, 256) for chw in RESNET50_CHW}
+    default = [c for c in suite_cases("default") if c.sweep == "resnet50"]
+    assert {c.shape for c in default} == resnet, "the default suite covers every shape at batch 64 and 256"
+    assert all(c.layers == LAYER_COUNT[c.shape[1:]] for c in default)
+    assert {c.sweep for c in suite_cases("default")} == {"resnet50", "size", "channels", "bn1d"}
+    assert all(c.layers == 0 for c in full if c.sweep != "resnet50"), "only ResNet-50 shapes carry a weight"
+    tiny = [c for c in suite_cases("tiny") if c.sweep == "resnet50"]
+    assert tiny and all(c.layers == LAYER_COUNT[TINY_RESNET50[c.shape]] for c in tiny)
     for dtype in ("float32", "float16", "bfloat16"):
         sizes = [c.numel * bytes_model.ELEMENT_SIZE[c.dtype] for c in full if c.sweep == "size" and c.dtype == dtype]
         assert min(sizes) <= 1 << 20 and max(sizes) >= 2 << 30
@@ -68,7 +102,9 @@ def test_suites_cover_the_issue_sweeps():
         assert {(c.dtype, c.layout) for c in full if c.sweep == sweep} == {
             (d, l) for d in ("float32", "float16", "bfloat16") for l in ("nchw", "channels_last")}
     assert set(SUITES) >= {"tiny", "quick", "default", "full"}
-    assert len(suite_cases("quick")) <= 10
+    quick = suite_cases("quick")
+    assert len(quick) <= 10, "gpu_check.sh gives the quick suite 4 minutes"
+    assert all(c.layers > 0 for c in quick if c.sweep == "resnet50")
     assert all(c.numel <= 1 << 14 for c in suite_cases("tiny")), "tiny must stay interpreter-sized"
 
 
@@ -208,6 +244,39 @@ def test_csv_round_trip_and_schema(tmp_path):
     assert env.CPU_LABEL in text and "errors: 1 rows" in text and "2.00" in text
 
 
+# ------------------------------------------------------------------------------------------ summary
+
+def _goal_row(sweep, shape, speedup, layers=None, op="fwd+bwd"):
+    N, C, *spatial = (int(d) for d in shape.split("x"))
+    return {"impl": "triton_bn", "status": "ok", "op": op, "sweep": sweep, "shape": shape, "N": N, "C": C,
+            "spatial": spatial[0] * spatial[1], "dtype": "float16", "layout": "channels_last", "layers": layers,
+            "speedup_vs_torch": speedup, "speedup_vs_torch_native": speedup, "speedup_vs_torch_compile": None,
+            "pct_of_ceiling": 50.0}
+
+
+def test_goals_use_resnet50_shapes_only_weighted_by_layer_count():
+    rows = [_goal_row("resnet50", "64x256x14x14", 2.0, layers=11),  # 11 of ResNet-50's layers
+            _goal_row("resnet50", "64x64x112x112", 0.5, layers=1),
+            _goal_row("channels", "32x3x1024x1024", 100.0)]  # torch's weak spot: must not count
+    weighted = 2.0 ** (10 / 12)  # (11 ln 2 + 1 ln 0.5) / 12
+    assert geomean([2.0, 0.5], [11, 1]) == pytest.approx(weighted)
+    assert geomean([2.0, 0.5]) == pytest.approx(1.0)
+    lines = goal_lines(rows)
+    assert "2 of 12 shapes, 12 of 53 BN layers" in lines[0]
+    every, below = lines[1], lines[2]
+    assert "1 of 2 (op, shape) rows meet it" in every and "MET" not in every
+    assert "64x64x112x112" in below and "0.50x" in below and "(1 layers)" in below
+    fwd_bwd = next(line for line in lines if line.startswith("goal: geomean fwd+bwd"))
+    assert f"{weighted:.2f}x -- MET" in fwd_bwd
+    text = summarize({"mode": "gpu", "suite": "s"}, rows)
+    assert "sweep channels: triton_bn's speedup, plain geomean over shapes (not in the goals)" in text
+    assert "100.00" in text.split("sweep channels")[1], "the channel sweep is reported, apart"
+
+
+def test_goals_are_not_evaluated_without_resnet50_rows():
+    assert "not evaluated" in goal_lines([_goal_row("channels", "32x3x64x64", 2.0)])[0]
+
+
 def test_read_csv_rejects_other_csv(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")
@@ -230,7 +299,7 @@ def test_python_m_perf_writes_labelled_csv_summary_and_plots(tmp_path, capsys):
                    "--impls", "triton_bn,torch,torch_native", "--rep-ms", "5", "--warmup-ms", "2"])
     printed = capsys.readouterr().out
     assert status == 0, printed
-    assert "[  1/1]" in printed and "triton_bn" in printed  # per-shape progress
+    assert f"[  1/{len(TINY_RESNET50)}]" in printed and "triton_bn" in printed  # per-shape progress
     stem = f"tiny-{env.slug(env.device_name())}"
     if ON_CPU:
         assert stem == "tiny-cpu-interpreter"
@@ -245,7 +314,8 @@ def test_python_m_perf_writes_labelled_csv_summary_and_plots(tmp_path, capsys):
     assert all("BLOCK_K=" in r["config"] for r in ours), "autotuned config recorded"
     assert all(r["speedup_vs_torch"] > 0 for r in ours)
     summary = (out / f"{stem}-summary.txt").read_text()
-    assert ("pipeline check" in summary) == ON_CPU and "geomean speedup" in summary
+    assert ("pipeline check" in summary) == ON_CPU and "sweep resnet50: triton_bn's speedup" in summary
+    assert "goals on ResNet-50 shapes only" in summary
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(f"{stem}-{kind}-bfloat16.png"
                           for kind in ("bandwidth-resnet50", "speedup-resnet50", "roofline"))
@@ -255,13 +325,54 @@ def test_python_m_perf_writes_labelled_csv_summary_and_plots(tmp_path, capsys):
         text = _png_text(out / name)
         assert ("bfloat16" in text["Title"]) and (env.CPU_LABEL in text["Title"]) == ON_CPU
         assert (text["Description"] == env.CPU_LABEL) == ON_CPU
+        if ON_CPU and "bandwidth" in name:
+            assert "not bandwidth" in text["Title"] and "Effective bandwidth" not in text["Title"]
+        if ON_CPU and "speedup" in name:
+            assert "NOT speed-ups" in text["Title"]
 
     # CSV -> plots again, elsewhere, without measuring: the same figures.
     again = tmp_path / "again"
     assert main(["plot", str(out / f"{stem}.csv"), "--out", str(again)]) == 0
     assert sorted(p.name for p in again.glob("*.png")) == pngs
     assert main(["summary", str(out / f"{stem}.csv")]) == 0
-    assert "geomean speedup of triton_bn" in capsys.readouterr().out
+    assert "sweep resnet50: triton_bn's speedup" in capsys.readouterr().out
+
+
+def test_gpu_csv_draws_bandwidth_and_speedups(tmp_path):
+    """The GPU drawing path, from a synthetic GPU CSV (no GPU here): GB/s and speedups, no label."""
+    pytest.importorskip("matplotlib")
+    from perf.harness import Outcome, make_row
+    from perf.plot import plot_csv
+    from perf.timing import Timing
+    rows = []
+    for i, case in enumerate(suite_cases("quick", ["float16"])):
+        for k, impl in enumerate(("copy", "triton_bn", "torch", "torch_native")):
+            for op in (("copy",) if impl == "copy" else bytes_model.OPS):
+                t = bytes_model.unique_bytes(op, case.numel, case.dtype) / (2e9 + 3e8 * k + 1e8 * i)
+                rows.append(make_row("quick", case, op, impl, Outcome("ok", timing=Timing(t, t, t)), 4300.0))
+    add_speedups(rows)
+    meta = {"mode": "gpu", "device": "synthetic", "suite": "quick", "copy_ceiling_gbps": "4300",
+            "peak_fp32_gflops": "66900"}
+    pngs = plot_csv(write_csv(tmp_path / "quick-synthetic.csv", meta, rows), tmp_path)
+    names = sorted(p.name for p in pngs)
+    assert names == sorted(f"quick-synthetic-{kind}-float16.png" for kind in (
+        "bandwidth-resnet50", "bandwidth-channels", "bandwidth-bn1d", "speedup-resnet50", "roofline"))
+    for path in pngs:
+        title = _png_text(path)["Title"]
+        assert env.CPU_LABEL not in title and "synthetic" in title
+        assert ("Effective bandwidth" in title) == ("bandwidth" in path.name)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+def test_help_lists_the_run_options_and_the_commands(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    for option in ("--suite", "--out", "--impls", "--ops", "--dtypes", "--layouts", "--rep-ms", "--list"):
+        assert option in printed
+    for command in ("python -m perf plot", "python -m perf summary", "python -m perf host"):
+        assert command in printed
 
 
 def test_cpu_run_of_a_gpu_suite_falls_back_to_tiny(capsys):

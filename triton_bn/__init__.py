@@ -3,6 +3,7 @@ from .functional import BatchNormFunction, backend, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 from .axis_norm import BatchNorm, from_keras
 from .distributed import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
+from . import interop  # noqa: F401  (torch's fuse_modules table learns triton_bn's layers)
 
 __version__ = "0.1.0"
 

@@ -21,17 +21,22 @@ An (N, ..., C) tensor with ``axis=-1`` is seen by the kernels through a ``movedi
 a contiguous one is exactly their channels-last case, read and written in place, and the
 output is a contiguous (N, ..., C) tensor again. No transpose, no copy.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: symbolic_trace copies forward's annotations into
+# the graph, and a string one makes a traced root layer's GraphModule unpicklable.
 import numbers
 from typing import Callable, Optional, Union
 
 import torch
+import torch.fx
+from torch.fx import Proxy
+from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 from torch.nn import Parameter
 from torch.nn.modules.batchnorm import _NormBase
 
 from .functional import feature_axis
-from .modules import _TritonBatchNorm
+from .modules import _check_rank, _TritonBatchNorm
+
+torch.fx.wrap("_check_rank")  # a node when called here on a Proxy, as in modules.py
 
 #: A value to fill with, or a callable given the tensor: either torch.nn.init style (fills
 #: it in place, e.g. ``torch.nn.init.normal_``) or one returning the values to copy in.
@@ -184,6 +189,14 @@ class BatchNorm(_TritonBatchNorm, _NormBase):
         self._reset_affine()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _fx_state._is_fx_tracing_flag and isinstance(input, Proxy):
+            # torch.fx.symbolic_trace: a call_module leaf (modules.py says why); as the root,
+            # traced through (movedim takes the axis as given, negative or not).
+            leaf = self._fx_leaf(input)
+            if leaf is not None:
+                return leaf
+            input = _check_rank(input, ())
+            return super().forward(input.movedim(self.axis, 1)).movedim(1, self.axis)
         if input.dim() < 2:
             raise ValueError(f"BatchNorm: expected an input of rank >= 2 (N, ...), got {input.dim()}-D "
                              f"input of shape {tuple(input.shape)}")

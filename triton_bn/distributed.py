@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.fx import Proxy
+from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 
 from .functional import _check_args, _contiguous_param, uses_kernels
 from .kernels import (bn_backward_dx, bn_backward_reduce, bn_normalize, bn_stats_combine,
@@ -175,6 +177,8 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         return (group, world_size) if world_size > 1 else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _fx_state._is_fx_tracing_flag and isinstance(input, Proxy):
+            return self._fx_leaf(input)  # torch.fx.symbolic_trace: a call_module leaf (modules.py)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         sync = self._sync_group()

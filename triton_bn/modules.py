@@ -4,20 +4,57 @@ Subclassing keeps everything a model relies on — constructor, parameters, buff
 state_dict keys, ``reset_parameters``, ``_check_input_dim``, ``isinstance`` — and only the
 forward changes, to the Triton kernels. momentum=None (cumulative moving average) reads
 ``num_batches_tracked`` on the device, so the forward never synchronizes with the host.
-"""
-from __future__ import annotations
 
+``torch.fx.symbolic_trace``: torch's default tracer keeps only ``torch.nn`` modules whole (a
+``call_module`` node) and traces through every other one, and tracing through torch's own
+forward fails (``_check_input_dim`` branches on the traced input). So, at the top of the
+forward, a traced input (an ``fx.Proxy``, a cheap flag test first) makes a layer emit the
+``call_module`` node itself: inside a traced model every triton_bn layer is a leaf, exactly as
+torch's BatchNorm is, and the GraphModule calls the module, which reads its train/eval flag
+(and SyncBatchNorm its process group) when it runs. Only a layer traced as the root (torch's
+own BatchNorm cannot be) is traced through, into ``functional._batch_norm``: there, as for any
+traced-through code, the train/eval flag and momentum are captured at trace time.
+"""
+# No `from __future__ import annotations`: symbolic_trace copies forward's annotations into
+# the graph, and a string one makes a traced root layer's GraphModule unpicklable.
 import torch
+import torch.fx
 from torch import nn
+from torch.fx import Proxy
+from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 
 from .functional import _batch_norm
+
+
+def _check_rank(input: torch.Tensor, ranks: tuple) -> torch.Tensor:
+    """torch's ``_check_input_dim`` as a node of a traced graph (the check itself cannot run on a
+    Proxy): ``input`` if its rank is one of ``ranks`` (any rank >= 2 when empty)."""
+    if (input.dim() not in ranks) if ranks else input.dim() < 2:
+        expected = " or ".join(f"{r}D" for r in ranks) if ranks else "at least 2D"
+        raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+    return input
+
+
+# Calls from this module's code with a Proxy argument become call_function nodes while
+# symbolic_trace runs (a root layer traced through); any other call is the plain function.
+torch.fx.wrap("_check_rank")
+torch.fx.wrap("_batch_norm")
 
 
 class _TritonBatchNorm:
     """The forward shared by the BatchNorm*d classes; the rest comes from torch.nn."""
 
+    #: The input ranks ``_check_input_dim`` accepts, for a traced root layer (empty: any >= 2).
+    _RANKS: tuple = ()
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+        if _fx_state._is_fx_tracing_flag and isinstance(input, Proxy):
+            leaf = self._fx_leaf(input)
+            if leaf is not None:
+                return leaf
+            input = _check_rank(input, self._RANKS)  # the root: traced through, flags captured
+        else:
+            self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         # The step counter moves only once the arguments have passed their checks.
         counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -33,24 +70,52 @@ class _TritonBatchNorm:
             cumulative_average=self.momentum is None,
         )
 
+    def _fx_leaf(self, input: Proxy):
+        """Under ``torch.fx.symbolic_trace``: this layer's ``call_module`` node, as the default
+        tracer emits for torch's own layers, or None when it is the root of the trace."""
+        tracer = input.tracer
+        path = tracer.path_of_module(self)
+        if path:
+            return tracer.create_proxy("call_module", path, (input,), {})
+        if isinstance(self, nn.SyncBatchNorm):
+            # Whether it synchronizes is decided when it runs; a traced-through graph would
+            # freeze that decision (torch's SyncBatchNorm cannot be traced as the root either).
+            raise RuntimeError(f"torch.fx.symbolic_trace: {type(self).__name__} cannot be traced as the root "
+                               f"module; trace a model that contains it (it is then a call_module leaf)")
+        return None
+
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
     """Drop-in for ``torch.nn.BatchNorm1d``: (N, C) or (N, C, L) input."""
+
+    _RANKS = (2, 3)
 
 
 class BatchNorm2d(_TritonBatchNorm, nn.BatchNorm2d):
     """Drop-in for ``torch.nn.BatchNorm2d``: (N, C, H, W) input, NCHW or channels_last."""
 
+    _RANKS = (4,)
+
 
 class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
     """Drop-in for ``torch.nn.BatchNorm3d``: (N, C, D, H, W) input, NCDHW or channels_last_3d."""
+
+    _RANKS = (5,)
 
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
+def _replacement(module_type: type):
+    if module_type is nn.SyncBatchNorm:
+        # distributed.py builds on this module: import it when it is needed, not at import time.
+        from .distributed import SyncBatchNorm
+        return SyncBatchNorm
+    return _REPLACEMENTS.get(module_type)
+
+
 def _converted(module: nn.Module) -> nn.Module:
-    replacement = _REPLACEMENTS.get(type(module))
+    replacement = _replacement(type(module))
     if replacement is None:
         return module
     new = replacement.__new__(replacement)
@@ -61,11 +126,15 @@ def _converted(module: nn.Module) -> nn.Module:
 
 
 def convert_model(module: nn.Module) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` (itself included) by the
-    triton_bn class, keeping parameters, buffers, device, dtype, hooks and train/eval state.
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` in ``module``
+    (itself included) by the triton_bn class, keeping parameters, buffers, device, dtype, hooks,
+    train/eval state and, for SyncBatchNorm, the process group.
 
-    Other subclasses (``SyncBatchNorm``, user subclasses, lazy modules) are left alone.
-    Returns the converted module; children are replaced in place.
+    ``triton_bn.convert_model(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))`` thus gives
+    triton_bn's SyncBatchNorm layers (torch's converter alone turns triton_bn layers back into
+    torch's SyncBatchNorm); ``triton_bn.convert_sync_batchnorm(model)`` does it in one step.
+    Other subclasses (user subclasses, lazy modules) are left alone. Returns the converted
+    module; children are replaced in place.
     """
     root = _converted(module)
     for name, child in list(root.named_children()):
