@@ -149,8 +149,18 @@ class BatchNormFunction(torch.autograd.Function):
             "under vmap use torch.nn.functional.batch_norm, or loop over the vmapped dimension.")
 
 
+# Function.apply binds the arguments with inspect.signature whenever setup_context is defined
+# (tens of microseconds per call) to fill in defaults; every argument is passed here, so eager
+# calls outside torch.func transforms go straight to the C++ apply, which runs forward and
+# setup_context itself. Tracers and transforms take the documented Function.apply.
+_apply_positional = super(torch.autograd.Function, BatchNormFunction).apply
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def _contiguous_param(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.reshape(-1).contiguous()
+    if t is None or (t.dim() == 1 and t.is_contiguous()):
+        return t
+    return t.reshape(-1).contiguous()
 
 
 def feature_axis(axis: int, ndim: int) -> int:
@@ -184,10 +194,20 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
         num_batches_tracked.add_(1)
     if not training:  # read only: any strides become the [C] vectors the kernels index
         running_mean, running_var = _contiguous_param(running_mean), _contiguous_param(running_var)
-    y, _, _ = BatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(bias),
-                                      running_mean, running_var, training, float(momentum), float(eps),
-                                      num_batches_tracked if cumulative_average else None)
-    return y
+    weight, bias = _contiguous_param(weight), _contiguous_param(bias)
+    momentum, eps = float(momentum), float(eps)
+    counter = num_batches_tracked if cumulative_average else None
+    if _traced(input) or _functorch_active():
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                       counter)[0]
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _apply_positional(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                 counter)[0]
+    # Nothing to differentiate: no autograd node at all.
+    if training:
+        return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, counter)[0]
+    return bn_forward_eval(input, weight, bias, running_mean, running_var, eps)
 
 
 def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],

@@ -15,7 +15,7 @@ import torch
 from .backward import bn_backward_dx, bn_backward_reduce
 from .normalize import bn_normalize
 from .stats import bn_stats_combine, bn_stats_combine_groups, bn_stats_partial
-from .view import NQKView, choose_channels_last, mergeable, nqk_view, output_for
+from .view import NQKView, _geometry, mergeable, nqk_view, output_for
 
 __all__ = [
     "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view",
@@ -26,8 +26,13 @@ __all__ = [
 
 def input_view(x: torch.Tensor) -> NQKView:
     """The kernels' view of an (N, C, *spatial) input; copies only non-mergeable spatial dims."""
-    x = mergeable(x)
-    return nqk_view(x, choose_channels_last(x))
+    view = _cached_view(x)
+    return view if view is not None else nqk_view(x.contiguous())
+
+
+def _cached_view(x: torch.Tensor) -> Optional[NQKView]:
+    geometry = _geometry(tuple(x.shape), x.stride(), None)
+    return None if geometry is None else NQKView(x, *geometry)
 
 
 def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

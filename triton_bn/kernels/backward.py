@@ -22,9 +22,10 @@ import triton.language as tl
 from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
-from .stats import acc_dtype, tl_dtype
-from .tuning import autotune_tiles, stats_splits
-from .view import NQKView, empty_output, nqk_view
+from .launch import Launch, tensor_key
+from .stats import _next_power_of_2, acc_dtype, tl_dtype
+from .tuning import autotune_tiles, cdiv, stats_splits
+from .view import NQKView, dense, empty_output, nqk_view
 
 
 @autotune_tiles()
@@ -156,26 +157,25 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
     split = stats_splits(view.N, view.Q, view.K, view.channels_last, x.device, splits)
     partial = torch.empty((2, split.num, C), dtype=acc_dtype(x.dtype), device=x.device)
 
-    def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_K"]) if view.channels_last else C, split.num)
-
-    _bn_backward_partial_kernel[grid](
+    if view.channels_last:
+        grid = lambda meta: (cdiv(C, meta["BLOCK_K"]), split.num)  # noqa: E731
+    else:
+        grid = (C, split.num)
+    _PARTIAL((view[1:], dy_view[1:], split.num, tensor_key(x, dy, mean, stat)), grid, (
         x, dy, mean, stat, partial, view.N, view.Q, view.K, C, *view.strides, *dy_view.strides,
         split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
-        CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
-    )
+    ), dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype)))
     if param_dtype is None:
         param_dtype = weight.dtype if weight is not None else x.dtype
     sums = torch.empty((2, C), dtype=partial.dtype, device=x.device)
     d_weight = torch.empty(C, dtype=param_dtype, device=x.device) if grad_weight else None
     d_bias = torch.empty(C, dtype=param_dtype, device=x.device) if grad_bias else None
-    BLOCK_C = min(128, triton.next_power_of_2(C))
-    _bn_backward_combine_kernel[(triton.cdiv(C, BLOCK_C),)](
-        partial, split.num, C, mean, stat, sums,
-        d_weight if grad_weight else sums, d_bias if grad_bias else sums, float(eps),
-        STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias,
-        BLOCK_P=32, BLOCK_C=BLOCK_C,
-    )
+    BLOCK_C = min(128, _next_power_of_2(C))
+    # Unused outputs are None, never another buffer (see stats._combine).
+    _COMBINE((split.num, C, stat_is_var, tensor_key(partial, mean, stat, d_weight, d_bias)), (cdiv(C, BLOCK_C),), (
+        partial, split.num, C, mean, stat, sums, d_weight, d_bias, float(eps),
+    ), dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias,
+            BLOCK_P=32, BLOCK_C=BLOCK_C))
     return sums, d_weight, d_bias
 
 
@@ -187,13 +187,18 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     C = view.C
     dx = empty_output(view)
     dy_view = nqk_view(dy, view.channels_last)
-    dx_view = nqk_view(dx, view.channels_last)
-    _bn_backward_dx_kernel[elementwise_grid(view)](
-        x, dy, dx, mean, stat, weight if weight is not None else mean,
-        sums if training else mean,
+    dx_view = view._replace(tensor=dx) if dense(x) else nqk_view(dx, view.channels_last)
+    sums = sums if training else None
+    key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var, tensor_key(x, dy, dx, mean, stat, weight, sums))
+    _DX(key, elementwise_grid(view), (
+        x, dy, dx, mean, stat, weight, sums,
         view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
         *split_float(inv_count), float(eps),
-        TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
-        CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
-    )
+    ), dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
+            CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype)))
     return dx
+
+
+_PARTIAL = Launch(_bn_backward_partial_kernel)
+_COMBINE = Launch(_bn_backward_combine_kernel)
+_DX = Launch(_bn_backward_dx_kernel)

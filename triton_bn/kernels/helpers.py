@@ -5,6 +5,8 @@ exactly (Chan et al.): mean = sum(n_g mean_g) / n, M2 = sum(M2_g + n_g (mean_g -
 Sums of x and x^2 are only ever taken of values shifted by a per-channel pivot near the data
 (stats.py), never of raw x, whose sum of squares loses every digit when |mean| >> std.
 """
+import functools
+
 import triton
 import triton.language as tl
 
@@ -79,6 +81,7 @@ def _merge_groups(mean, m2, count, axis: tl.constexpr):
     return merged_mean, tl.sum(m2 + count * delta * delta, axis), total
 
 
+@functools.lru_cache(maxsize=256)
 def split_float(value: float):
     """(hi, lo) float32 parts of a Python float: Triton passes float scalars as fp32, which
     would round momentum or 1/M to 7 digits in the float64 path; hi + lo carries ~14."""

@@ -9,6 +9,7 @@ In eval mode mean_c and invstd_c = 1/sqrt(running_var_c + eps) come from the run
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -18,8 +19,9 @@ import triton.language as tl
 from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
                       _tile_offsets)
 from .stats import tl_dtype
-from .tuning import autotune_tiles
-from .view import NQKView, empty_output, nqk_view
+from .launch import Launch, tensor_key
+from .tuning import autotune_tiles, cdiv
+from .view import NQKView, dense, empty_output, nqk_view
 
 
 @autotune_tiles()
@@ -51,7 +53,22 @@ def _bn_normalize_kernel(
 
 
 def elementwise_grid(view: NQKView):
-    return lambda meta: (triton.cdiv(view.N * view.Q, meta["BLOCK_R"]) * triton.cdiv(view.K, meta["BLOCK_K"]),)
+    return _elementwise_grid(view.N * view.Q, view.K)
+
+
+@functools.lru_cache(maxsize=4096)
+def _elementwise_grid(rows: int, K: int):
+    return lambda meta: (cdiv(rows, meta["BLOCK_R"]) * cdiv(K, meta["BLOCK_K"]),)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_constexprs(stat_is_var: bool, has_weight: bool, has_bias: bool, channels_last: bool,
+                          dtype: torch.dtype) -> dict:
+    return dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+                CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype))
+
+
+_NORMALIZE = Launch(_bn_normalize_kernel)
 
 
 def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
@@ -63,12 +80,13 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
     ``stat`` is invstd, or the running variance when ``stat_is_var`` (eval mode; then eps is used)."""
     x = view.tensor
     y = empty_output(view) if out is None else out
-    y_view = nqk_view(y, view.channels_last)
-    _bn_normalize_kernel[elementwise_grid(view)](
-        x, y, mean, stat,
-        weight if weight is not None else mean, bias if bias is not None else mean,
+    same_strides = out is None and dense(x)  # then y's view is x's
+    y_view = view._replace(tensor=y) if same_strides else nqk_view(y, view.channels_last)
+    # y is fresh (aligned) unless given; its geometry is part of the key either way.
+    key = (view[1:], y_view[1:], stat_is_var, tensor_key(x, mean, stat, weight, bias),
+           True if out is None else out.data_ptr() & 15 == 0)
+    _NORMALIZE(key, _elementwise_grid(view.N * view.Q, view.K), (
+        x, y, mean, stat, weight, bias,
         view.N, view.Q, view.K, *view.strides, *y_view.strides, float(eps),
-        STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
-    )
+    ), _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last, x.dtype))
     return y

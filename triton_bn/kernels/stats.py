@@ -20,6 +20,7 @@ non-finite value gives torch's mean wherever it sits, and the variance is NaN (a
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -28,7 +29,8 @@ import triton.language as tl
 
 from .helpers import (_finite_or_zero, _invstd, _is_finite, _lane_counts, _merge_groups,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
-from .tuning import autotune_tiles, stats_splits
+from .launch import Launch, tensor_key
+from .tuning import autotune_tiles, cdiv, stats_splits
 from .view import NQKView
 
 
@@ -189,23 +191,34 @@ def tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_PARTIAL = Launch(_bn_stats_partial_kernel)
+_COMBINE = Launch(_bn_stats_combine_kernel)
+
+
+@functools.lru_cache(maxsize=4096)
+def _partial_spec(geometry: tuple, dtype: torch.dtype, device: torch.device, splits: Optional[int]):
+    """Everything about a statistics-partial launch that the input's geometry fixes: the
+    partial buffer's shape, the grid, the int arguments, the constexprs (cached per shape)."""
+    N, Q, K, n_stride, q_stride, k_stride, channels_last = geometry
+    C = K if channels_last else Q
+    split = stats_splits(N, Q, K, channels_last, device, splits)
+    if channels_last:
+        grid = lambda meta: (cdiv(C, meta["BLOCK_K"]), split.num)  # noqa: E731
+    else:
+        grid = (C, split.num)
+    ints = (N, Q, K, C, n_stride, q_stride, k_stride, split.rows_per_split, split.cols_per_split, split.splits_k,
+            split.num * C)
+    return (4, split.num, C), grid, ints, dict(CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype))
+
+
 def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tensor:
     """Pass 1: per-split moments, a [4, P, C] tensor of the accumulation dtype: the mean of
     x - pivot, M2, count, and the pivot (the same for every split of a channel)."""
     x = view.tensor
-    C = view.C
-    split = stats_splits(view.N, view.Q, view.K, view.channels_last, x.device, splits)
-    partial = torch.empty((4, split.num, C), dtype=acc_dtype(x.dtype), device=x.device)
-
-    def grid(meta):
-        channel_programs = triton.cdiv(C, meta["BLOCK_K"]) if view.channels_last else C
-        return (channel_programs, split.num)
-
-    _bn_stats_partial_kernel[grid](
-        x, partial, view.N, view.Q, view.K, C, *view.strides,
-        split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
-        CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype),
-    )
+    key = (view[1:], x.dtype, x.device, splits)
+    shape, grid, ints, constexprs = _partial_spec(*key)
+    partial = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
+    _PARTIAL((key, x.data_ptr() & 15), grid, (x, partial, *ints), constexprs)
     return partial
 
 
@@ -239,14 +252,26 @@ def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, run
     invstd = torch.empty_like(mean)
     moments = torch.empty((4, C), dtype=partial.dtype, device=partial.device) if return_moments else None
     update = running_mean is not None
-    BLOCK_C = min(128, triton.next_power_of_2(max(C, 1)))
     # Unused pointers are None, never another argument: a compiler that cannot see which
     # arguments a kernel writes must not find an output aliased with an input.
-    _bn_stats_combine_kernel[(triton.cdiv(C, BLOCK_C),)](
+    running_mean, running_var = (running_mean, running_var) if update else (None, None)
+    cumulative = num_batches_tracked is not None
+    key = (P, C, group_stride, field_stride, return_moments, update, cumulative,
+           tensor_key(partial, running_mean, running_var, num_batches_tracked))
+    grid, constexprs = _combine_spec(C, update, cumulative, return_moments)
+    _COMBINE(key, grid, (
         partial, P, C, group_stride, field_stride, mean, invstd, moments,
-        running_mean if update else None, running_var if update else None, num_batches_tracked,
-        *split_float(momentum), float(eps),
-        UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=num_batches_tracked is not None,
-        WRITE_MOMENTS=return_moments, BLOCK_P=32, BLOCK_C=BLOCK_C,
-    )
+        running_mean, running_var, num_batches_tracked, *split_float(momentum), float(eps),
+    ), constexprs)
     return (mean, invstd, moments) if return_moments else (mean, invstd)
+
+
+@functools.lru_cache(maxsize=1024)
+def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool):
+    BLOCK_C = min(128, _next_power_of_2(C))
+    return (cdiv(C, BLOCK_C),), dict(UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative,
+                                     WRITE_MOMENTS=return_moments, BLOCK_P=32, BLOCK_C=BLOCK_C)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -43,15 +43,20 @@ SPILLING_TILES = {(4096, 16), (4096, 32), (4096, 128), (4096, 256), (4096, 512),
 TUNING_KEY = ["N", "Q", "K", "CHANNELS_LAST"]
 
 
+# Read once: Triton itself decides at import whether @triton.jit functions are interpreted.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CPU_KERNELS = _INTERPRETING or os.environ.get("TRITON_BN_CPU_KERNELS", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def cpu_kernels() -> bool:
     """Whether CPU tensors run the Triton kernels: under the interpreter, or with
     TRITON_BN_CPU_KERNELS=1, set by tools whose Triton driver takes CPU pointers (perf's
     host-cost benchmark stubs the launch)."""
-    return interpreting() or os.environ.get("TRITON_BN_CPU_KERNELS", "0") == "1"
+    return _CPU_KERNELS
 
 
 def pinned() -> bool:
@@ -154,8 +159,13 @@ def _target_programs(device: torch.device) -> tuple[int, int]:
     return 4, 2048
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a constexpr function, ~100x slower to call)."""
+    return -(-a // b)
+
+
 def _round_up(x: int, multiple: int) -> int:
-    return triton.cdiv(x, multiple) * multiple
+    return cdiv(x, multiple) * multiple
 
 
 class Splits:
@@ -170,24 +180,25 @@ class Splits:
         self.num = splits_r * splits_k
 
 
+@functools.lru_cache(maxsize=4096)
 def stats_splits(N: int, Q: int, K: int, channels_last: bool, device: torch.device,
                  splits: int | None = None) -> Splits:
     """``splits`` forces the number of splits per channel (block); else fill the device."""
     target, min_elements = _target_programs(device)
     if channels_last:
         rows = N * Q
-        channel_blocks = triton.cdiv(K, 64)
+        channel_blocks = cdiv(K, 64)
         if splits is None:
-            splits = min(triton.cdiv(target, channel_blocks),
+            splits = min(cdiv(target, channel_blocks),
                          max(1, rows * min(K, 64) // min_elements))
-        rows_per_split = _round_up(triton.cdiv(rows, max(1, min(splits, 65535))), 16)
-        return Splits(rows_per_split, K, triton.cdiv(rows, rows_per_split), 1)
+        rows_per_split = _round_up(cdiv(rows, max(1, min(splits, 65535))), 16)
+        return Splits(rows_per_split, K, cdiv(rows, rows_per_split), 1)
     if splits is None:
-        splits = min(triton.cdiv(target, Q), max(1, N * K // min_elements))
+        splits = min(cdiv(target, Q), max(1, N * K // min_elements))
     splits = max(1, min(splits, 65535))
-    rows_per_split = triton.cdiv(N, min(splits, N))
-    splits_r = triton.cdiv(N, rows_per_split)
-    splits_k = max(1, min(triton.cdiv(splits, splits_r), triton.cdiv(K, 128)))
+    rows_per_split = cdiv(N, min(splits, N))
+    splits_r = cdiv(N, rows_per_split)
+    splits_k = max(1, min(cdiv(splits, splits_r), cdiv(K, 128)))
     # Column chunks start on multiples of 128 elements so 16-byte vector alignment survives.
-    cols_per_split = _round_up(triton.cdiv(K, splits_k), 128)
-    return Splits(rows_per_split, cols_per_split, splits_r, triton.cdiv(K, cols_per_split))
+    cols_per_split = _round_up(cdiv(K, splits_k), 128)
+    return Splits(rows_per_split, cols_per_split, splits_r, cdiv(K, cols_per_split))

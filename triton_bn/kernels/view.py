@@ -14,6 +14,7 @@ copies once).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -51,9 +52,10 @@ def _spatial_size(x: torch.Tensor) -> int:
     return S
 
 
-def _merged_spatial_stride(x: torch.Tensor) -> Optional[int]:
-    """Stride of the merged spatial axis, or None when the spatial dims do not merge."""
-    dims = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size != 1]
+def _merged_stride(shape, stride) -> Optional[int]:
+    """Stride of the merged spatial axis of (shape, stride), or None when the spatial dims do
+    not merge."""
+    dims = [(size, st) for size, st in zip(shape[2:], stride[2:]) if size != 1]
     if not dims:
         return 1
     for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]):
@@ -62,20 +64,26 @@ def _merged_spatial_stride(x: torch.Tensor) -> Optional[int]:
     return dims[-1][1]
 
 
+def _merged_spatial_stride(x: torch.Tensor) -> Optional[int]:
+    return _merged_stride(x.shape, x.stride())
+
+
+def _orientation(shape, stride, s_stride: int) -> bool:
+    S = 1
+    for size in shape[2:]:
+        S *= size
+    if S == 1:
+        return True  # (N, C): rows are samples, the channel axis is the only inner one
+    if shape[1] == 1:
+        return False
+    # Vectorize along whichever of C and S has the smaller stride (unit stride in practice).
+    return stride[1] < s_stride
+
+
 def choose_channels_last(x: torch.Tensor) -> Optional[bool]:
     """True/False for the orientation the kernels should use, None if x needs a copy."""
     s_stride = _merged_spatial_stride(x)
-    if s_stride is None:
-        return None
-    C = x.shape[1]
-    S = _spatial_size(x)
-    c_stride = x.stride(1)
-    if S == 1:
-        return True  # (N, C): rows are samples, the channel axis is the only inner one
-    if C == 1:
-        return False
-    # Vectorize along whichever of C and S has the smaller stride (unit stride in practice).
-    return c_stride < s_stride
+    return None if s_stride is None else _orientation(x.shape, x.stride(), s_stride)
 
 
 def mergeable(x: torch.Tensor) -> torch.Tensor:
@@ -87,20 +95,35 @@ def mergeable(x: torch.Tensor) -> torch.Tensor:
     return x if _merged_spatial_stride(x) is not None else x.contiguous()
 
 
-def nqk_view(x: torch.Tensor, channels_last: bool) -> NQKView:
+@functools.lru_cache(maxsize=4096)
+def _geometry(shape: tuple, stride: tuple, channels_last: Optional[bool]):
+    """(N, Q, K, n_stride, q_stride, k_stride, channels_last) of a tensor of this shape and
+    stride, in the given orientation (None: the one it prefers); None if it does not merge.
+    Cached: a layer sees the same few shapes every step."""
+    s_stride = _merged_stride(shape, stride)
+    if s_stride is None:
+        return None
+    if channels_last is None:
+        channels_last = _orientation(shape, stride, s_stride)
+    N, C = shape[0], shape[1]
+    S = 1
+    for size in shape[2:]:
+        S *= size
+    if channels_last:
+        return N, S, C, stride[0], s_stride, stride[1], True
+    return N, C, S, stride[0], stride[1], s_stride, False
+
+
+def nqk_view(x: torch.Tensor, channels_last: Optional[bool] = None) -> NQKView:
     """The [N, Q, K] view of ``x`` (N, C, *spatial, with mergeable spatial dims).
 
     Tensors sharing x's shape but not its strides (y, dy, dx) are viewed in the orientation
     chosen for x; any strides are correct, only the unit-stride axis is faster.
     """
-    s_stride = _merged_spatial_stride(x)
-    if s_stride is None:
+    geometry = _geometry(tuple(x.shape), x.stride(), channels_last)
+    if geometry is None:
         raise ValueError("spatial dimensions of the tensor do not merge into one strided axis")
-    N, C, S = x.shape[0], x.shape[1], _spatial_size(x)
-    n_stride, c_stride = x.stride(0), x.stride(1)
-    if channels_last:
-        return NQKView(x, N, S, C, n_stride, s_stride, c_stride, True)
-    return NQKView(x, N, C, S, n_stride, c_stride, s_stride, False)
+    return NQKView(x, *geometry)
 
 
 def empty_output(view: NQKView) -> torch.Tensor:
@@ -108,17 +131,30 @@ def empty_output(view: NQKView) -> torch.Tensor:
     address: ``empty_like`` (the input's memory format) when its spatial dims merge, else a
     dense tensor in the view's orientation. empty_like of a non-dense input (expanded,
     permuted) picks strides of its own, which need not merge even where the input's do."""
-    x = view.tensor
+    return _empty_output(view.tensor, view.channels_last)
+
+
+def dense(x: torch.Tensor) -> bool:
+    """Contiguous in the default or the channels-last memory format: ``empty_like`` then gives
+    exactly x's strides (so an output's [N, Q, K] view is the input's)."""
+    return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def _empty_output(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     out = torch.empty_like(x)
+    if dense(x):  # empty_like kept x's strides, which merge
+        return out
     if _merged_spatial_stride(out) is not None:
         return out
-    if view.channels_last:
+    if channels_last:
         return torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=x.dtype, device=x.device).movedim(-1, 1)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def output_for(x: torch.Tensor) -> torch.Tensor:
-    """The uninitialized output (y, dx) the launchers allocate for input ``x``; metadata only,
-    so the ops' fake implementations use it to give the same strides."""
+    """The uninitialized output (y, dx) the launchers allocate for input ``x``. Metadata only
+    and uncached (shapes may be symbolic), so the ops' fake implementations use it to give
+    exactly the launchers' strides."""
     x = mergeable(x)
-    return empty_output(nqk_view(x, choose_channels_last(x)))
+    return _empty_output(x, choose_channels_last(x))
