@@ -73,6 +73,20 @@ def _finite_or_zero(v):
 
 
 @triton.jit
+def _channel_pivot(x_ptr, pid_c, col_lo, K, q_stride, k_stride, CHANNELS_LAST: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each channel's first element (sample 0, position 0), 0 where it is not finite: the shift
+    of the statistics (stats.py). A per-channel vector, like the mean or weight loads: one row
+    per program, not a tile. Channels-last: the BLOCK_K channels of block pid_c; else channel pid_c."""
+    if CHANNELS_LAST:
+        channels = col_lo + tl.arange(0, BLOCK_K)
+        pivot = tl.load(x_ptr + channels.to(tl.int64) * k_stride, mask=channels < K, other=0.0)
+    else:
+        pivot = tl.load(x_ptr + pid_c.to(tl.int64) * q_stride)
+    return _finite_or_zero(pivot.to(ACC_DTYPE))
+
+
+@triton.jit
 def _merge_groups(mean, m2, count, axis: tl.constexpr):
     """Merge many groups along ``axis``; groups with count 0 must carry m2 = 0."""
     total = tl.sum(count, axis)

@@ -45,12 +45,15 @@ class Launch:
         self.jit = fn.fn if isinstance(fn, Autotuner) else fn
         self.names = self.jit.arg_names
         self.plans: Dict[tuple, Tuple] = {}
+        # Compiled kernels exist to be launched directly unless the interpreter runs them (the
+        # resource report also turns it off while it records launches).
+        self.direct = not interpreting()
         _ALL_LAUNCHES.append(self)
 
     def __call__(self, key: tuple, grid, args: tuple, constexprs: dict) -> None:
         """Launch with positional runtime ``args`` (the kernel's leading parameters) and keyword
         ``constexprs`` (the rest but the autotuned ones); ``grid`` as Triton takes it."""
-        if interpreting():  # no compiled kernel to launch directly
+        if not self.direct:
             self.fn[grid](*args, **constexprs)
             return
         device = driver.active.get_current_device()  # Triton launches on the current device
@@ -77,6 +80,10 @@ def _launch_hooks() -> bool:
     """Whether a Triton launch hook is installed (Triton >= 3.5 keeps an empty HookChain)."""
     hook = knobs.runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def all_launches() -> list:
+    return list(_ALL_LAUNCHES)
 
 
 def clear_plans() -> None:

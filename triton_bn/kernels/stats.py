@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import (_finite_or_zero, _invstd, _is_finite, _lane_counts, _merge_groups,
+from .helpers import (_channel_pivot, _invstd, _is_finite, _lane_counts, _merge_groups,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .launch import Launch, tensor_key
 from .tuning import autotune_tiles, cdiv, stats_splits
@@ -52,13 +52,11 @@ def _bn_stats_partial_kernel(
                                                    cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K)
     # Every program of a channel shifts by the same pivot, the channel's first element, so the
     # sums below are of values O(std) however large |mean| is (shifted data, Chan et al. 1983).
+    pivot = _channel_pivot(x_ptr, pid_c, col_lo, K, x_q_stride, x_k_stride, CHANNELS_LAST, ACC_DTYPE, BLOCK_K)
     if CHANNELS_LAST:
         channels = col_lo + tl.arange(0, BLOCK_K)
-        pivot = _finite_or_zero(tl.load(x_ptr + channels.to(tl.int64) * x_k_stride, mask=channels < K,
-                                        other=0.0).to(ACC_DTYPE))
         pivot_tile = pivot[None, :]
     else:
-        pivot = _finite_or_zero(tl.load(x_ptr + pid_c.to(tl.int64) * x_q_stride).to(ACC_DTYPE))
         pivot_tile = pivot
     # Per-lane sums live in registers across tiles; lanes merge once, after the loop.
     shifted_sum = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)

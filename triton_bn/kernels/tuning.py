@@ -39,7 +39,10 @@ TILE_WARPS = {4096: 8, 2048: 4, 1024: 4}
 # sm_80 at 64-80 registers: an effect of the --regAllocOptLevel=2 Triton passes to ptxas
 # (the same PTX allocates spill-free without it). Found by python -m triton_bn.report
 # --arch 90,80 (triton 3.9: ptxas-blackwell 13.4 for sm_90, ptxas 12.9 for sm_80).
-SPILLING_TILES = {(4096, 16), (4096, 32), (4096, 128), (4096, 256), (4096, 512), (2048, 256), (1024, 1024)}
+# (2048, 64): stats_partial fp32 channels-last, 80 regs + 8 bytes of stack since its per-lane
+# register sums (two [BLOCK_R, BLOCK_K] accumulators) replaced the per-tile reductions.
+SPILLING_TILES = {(4096, 16), (4096, 32), (4096, 128), (4096, 256), (4096, 512), (2048, 256), (2048, 64),
+                  (1024, 1024)}
 TUNING_KEY = ["N", "Q", "K", "CHANNELS_LAST"]
 
 

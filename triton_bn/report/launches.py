@@ -111,7 +111,7 @@ def _kernel_modules():
 def _recording(sink: list):
     """Every module global that is a kernel becomes a recorder; the statistics split is an
     H200's; the tuning rules are the GPU's (not the interpreter's, not pinned)."""
-    from triton_bn.kernels import tuning
+    from triton_bn.kernels import launch, tuning
     saved, saved_env = [], {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_BN_PIN_CONFIG")}
     try:
         for module in _kernel_modules():
@@ -120,6 +120,14 @@ def _recording(sink: list):
                     fn = _python_fn(obj)
                     saved.append((module, name, obj))
                     setattr(module, name, _Recorder(obj, f"{fn.__module__}:{fn.__name__}", sink))
+        for kernel_launch in launch.all_launches():  # the launchers call kernels through these
+            fn = _python_fn(kernel_launch.fn)
+            saved += [(kernel_launch, "fn", kernel_launch.fn), (kernel_launch, "direct", kernel_launch.direct)]
+            kernel_launch.fn = _Recorder(kernel_launch.fn, f"{fn.__module__}:{fn.__name__}", sink)
+            kernel_launch.direct = False
+        # The GPU's tuning rules, not the interpreter's (tuning reads the flag once, at import).
+        saved += [(tuning, "_INTERPRETING", tuning._INTERPRETING), (tuning, "_CPU_KERNELS", tuning._CPU_KERNELS)]
+        tuning._INTERPRETING = False
         saved.append((tuning, "_target_programs", tuning._target_programs))
         tuning._target_programs = lambda device: tuning.gpu_target_programs(H200_SMS)
         os.environ.update(TRITON_INTERPRET="0", TRITON_BN_PIN_CONFIG="0")
