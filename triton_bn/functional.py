@@ -127,20 +127,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_stat):
-        input, weight, bias, mean, stat = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward, gradient penalties): a differentiable
-            # composition of torch ops instead of the kernels.
-            grads = composite_grads(grad_output, input, weight, bias, mean, stat, ctx.training, ctx.eps, needs)
-        elif _traced(grad_output):
-            grads = ops.backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, list(needs),
-                                 ctx.param_dtype)
-            grads = tuple(g if need else None for g, need in zip(grads, needs))
-        else:
-            grads = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, needs,
-                                param_dtype=ctx.param_dtype)
-        return (*grads, None, None, None, None, None, None)
+        return _backward(ctx, grad_output)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -149,11 +136,49 @@ class BatchNormFunction(torch.autograd.Function):
             "under vmap use torch.nn.functional.batch_norm, or loop over the vmapped dimension.")
 
 
-# Function.apply binds the arguments with inspect.signature whenever setup_context is defined
-# (tens of microseconds per call) to fill in defaults; every argument is passed here, so eager
-# calls outside torch.func transforms go straight to the C++ apply, which runs forward and
-# setup_context itself. Tracers and transforms take the documented Function.apply.
-_apply_positional = super(torch.autograd.Function, BatchNormFunction).apply
+def _backward(ctx, grad_output):
+    input, weight, bias, mean, stat = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, gradient penalties): a differentiable
+        # composition of torch ops instead of the kernels.
+        grads = composite_grads(grad_output, input, weight, bias, mean, stat, ctx.training, ctx.eps, needs)
+    elif _traced(grad_output):
+        grads = ops.backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, list(needs),
+                             ctx.param_dtype)
+        grads = tuple(g if need else None for g, need in zip(grads, needs))
+    else:
+        grads = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, needs,
+                            param_dtype=ctx.param_dtype)
+    return (*grads, None, None, None, None, None, None)
+
+
+class _EagerBatchNormFunction(torch.autograd.Function):
+    """BatchNormFunction's eager twin, for calls outside tracers and torch.func: one output
+    (the statistics are saved as intermediates instead of returned), forward(ctx, ...) with no
+    setup_context, so autograd wraps one tensor and makes one Python call per direction."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked):
+        if training:
+            y, mean, stat = bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                                             num_batches_tracked)
+        else:
+            y = bn_forward_eval(input, weight, bias, running_mean, running_var, eps)
+            mean, stat = running_mean, running_var
+        ctx.save_for_backward(input, weight, bias, mean, stat)
+        ctx.training, ctx.eps = training, eps
+        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
+        return y
+
+    backward = staticmethod(_backward)
+
+
+# Function.apply adds Python around the C++ apply (default-argument binding with
+# inspect.signature for setup_context Functions, functorch unwrapping); eager calls outside
+# torch.func transforms pass every argument and go straight to the C++ apply. Tracers and
+# transforms take BatchNormFunction.apply, the documented path.
+_apply_positional = super(torch.autograd.Function, _EagerBatchNormFunction).apply
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
@@ -202,8 +227,7 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
                                        counter)[0]
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _apply_positional(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                 counter)[0]
+        return _apply_positional(input, weight, bias, running_mean, running_var, training, momentum, eps, counter)
     # Nothing to differentiate: no autograd node at all.
     if training:
         return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, counter)[0]
