@@ -2,7 +2,8 @@
 # The one prepared GPU check (written for the lent H200; any CUDA machine works):
 #   1. the whole test suite on the GPU        (python3 -m pytest -x -q, at most TEST_TIMEOUT s)
 #   2. the 'quick' perf suite -> CSV, summary, PNGs               (at most PERF_TIMEOUT s)
-# Under 8 minutes with the default timeouts: 210 + 240 s, plus 10 s of grace each for
+#   3. a short tune of ResNet-50 batch 64 -> the first real tuning file   (at most TUNE_TIMEOUT s)
+# Under 8 minutes with the default timeouts: 170 + 180 + 90 s, plus 10 s of grace each for
 # `timeout -k` = 470 s at worst, and a few seconds of version queries and tar (the quick suite:
 # 9 cases, 3 of ResNet-50's shapes at batch 256 among them; test_perf.py keeps it at most 10).
 # Installs nothing (the device machine has no network); without matplotlib the perf run still
@@ -12,13 +13,15 @@
 # Under $OUT (at most 8 files come back from the device tool, so the PNGs travel in a tarball):
 #   versions.txt  GPU name, driver, torch, triton, matplotlib     pytest.log, perf.log
 #   <suite>-<gpu>.csv, <suite>-<gpu>-summary.txt                  results.tar.gz (CSV, summary, PNGs)
-#   status.txt    exit codes of both steps
+#   tuning-resnet50-b64.json (the tune writes it after every shape: a timeout keeps what was done)
+#   status.txt    exit codes of the three steps
 # The perf harness rewrites its CSV after every case, so a timeout still leaves the cases done.
 set -u
 OUT=${OUT:-$PWD/out/gpu_check}
 PY=${PYTHON:-python3}
-TEST_TIMEOUT=${TEST_TIMEOUT:-210}
-PERF_TIMEOUT=${PERF_TIMEOUT:-240}
+TEST_TIMEOUT=${TEST_TIMEOUT:-170}
+PERF_TIMEOUT=${PERF_TIMEOUT:-180}
+TUNE_TIMEOUT=${TUNE_TIMEOUT:-90}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # triton_bn and perf from this checkout, uninstalled
 mkdir -p "$OUT/results"
@@ -42,7 +45,16 @@ test_rc=${PIPESTATUS[0]}
 timeout -k 10 "$PERF_TIMEOUT" "$PY" -m perf --suite quick --out "$OUT/results" 2>&1 | tee "$OUT/perf.log"
 perf_rc=${PIPESTATUS[0]}
 
+# 3. The tuning file (fp32 NCHW ResNet-50 at batch 64): winners and every candidate's time.
+timeout -k 10 "$TUNE_TIMEOUT" "$PY" -m triton_bn.tune --model resnet50 --batch 64 \
+  --out "$OUT/results/tuning-resnet50-b64.json" 2>&1 | tr '\r' '\n' > "$OUT/results/tune.log"
+tune_rc=${PIPESTATUS[0]}
+"$PY" -m triton_bn.tune --plot "$OUT/results/tuning-resnet50-b64.json" --plot-dir "$OUT/results" \
+  >> "$OUT/results/tune.log" 2>&1
+cp "$OUT/results/tuning-resnet50-b64.json" "$OUT/" 2>/dev/null
+
 cp "$OUT"/results/*.csv "$OUT"/results/*-summary.txt "$OUT"/ 2>/dev/null
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
-echo "pytest rc=$test_rc (124: timed out); perf rc=$perf_rc (1: error rows, 124: timed out)" | tee "$OUT/status.txt"
+echo "pytest rc=$test_rc (124: timed out); perf rc=$perf_rc (1: error rows, 124: timed out); tune rc=$tune_rc" \
+  | tee "$OUT/status.txt"
 [ "$test_rc" -eq 0 ] && [ "$perf_rc" -eq 0 ]
