@@ -76,7 +76,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
                                         "ignore:overflow encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
 
-# Ours may be this many times further from float64 than torch at the same dtype.
 from tests.property_calls import (
     Call,
     DTYPES,
