@@ -71,10 +71,6 @@ from torch import nn
 
 import triton_bn
 
-# NaN/inf data makes the interpreter's numpy ops warn; the results are what is checked.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning")
 
 from tests.property_calls import (
     Call,
@@ -115,6 +111,11 @@ from tests.property_oracle import (
     shifted,
     unchanged,
 )
+
+# NaN/inf data makes the interpreter's numpy ops warn; the results are what is checked.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
 
 
 @_budget(1.0)
