@@ -197,3 +197,53 @@ def test_pinned_config_runs_alone(monkeypatch, device):
         for k, cache in zip(kernels, saved):
             k.cache.clear()
             k.cache.update(cache)
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 5, 7, 9), "contiguous"), ((6, 3, 4, 5), "channels_last"), ((50, 37), "contiguous")])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fused_statistics_are_bitwise_the_two_pass_ones(shape, layout, splits, device):
+    """bn_stats (the last program per channel combines) gives the very bits of a separate
+    partial + combine, running statistics included."""
+    from triton_bn.kernels import bn_stats
+    x = random_input(shape, torch.float32, device, layout, seed=20, mean=5.0, std=3.0)
+    C = shape[1]
+    stats = []
+    for fused in (True, False):
+        rm, rv = torch.linspace(-1, 1, C, device=device), torch.linspace(0.5, 2, C, device=device)
+        if fused:
+            mean, invstd = bn_stats(input_view(x), 1e-5, rm, rv, 0.3, splits=splits)
+        else:
+            mean, invstd = bn_stats_combine(bn_stats_partial(input_view(x), splits=splits), 1e-5, rm, rv, 0.3)
+        stats.append((mean, invstd, rm, rv))
+    for a, b, name in zip(*stats, ("mean", "invstd", "running_mean", "running_var")):
+        assert torch.equal(a, b), name
+
+
+def test_forward_train_is_two_launches_backward_three(device, monkeypatch):
+    from triton_bn.kernels import launch
+    x = random_input((4, 3, 5, 6), torch.float32, device, seed=21)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y, mean, invstd = bn_forward_train(x, None, None, rm, rv)  # first call: tunes on scratch
+    calls = []
+    original = launch.Launch.__call__
+    monkeypatch.setattr(launch.Launch, "__call__", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    bn_forward_train(x, None, None, rm, rv)
+    assert len(calls) == 2, "forward-train: statistics (with the combine) + normalize"
+    calls.clear()
+    bn_backward(torch.ones_like(x), x, None, mean, invstd)
+    assert len(calls) == 3, "backward: partial + combine + dx"
+
+
+def test_autotuning_moves_the_running_statistics_exactly_once(device, monkeypatch):
+    """Several candidates survive pruning (the GPU's rules): the autotuner runs each; the
+    running statistics still take exactly one momentum step (tuned on scratch copies)."""
+    monkeypatch.setenv("TRITON_BN_INTERPRET_GPU_PRUNING", "1")
+    assert len(prune_tile_configs(TILE_CONFIGS, {"K": 61})) > 1
+    x = random_input((3, 2, 61), torch.float32, device, seed=22, mean=4.0)  # a shape no other test uses
+    rm, rv = torch.zeros(2, device=device), torch.ones(2, device=device)
+    stats_kernels._PARTIAL.fn.cache.clear()
+    bn_forward_train(x, None, None, rm, rv, momentum=0.5)
+    ref_mean, ref_var = _stats64(x)
+    M = x.numel() // 2
+    assert_close(rm, 0.5 * ref_mean, torch.float32, "running_mean after one call")
+    assert_close(rv, 0.5 + 0.5 * ref_var * M / (M - 1), torch.float32, "running_var after one call")

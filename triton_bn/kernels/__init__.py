@@ -2,7 +2,8 @@
 
 The three launchers below compose the per-stage launchers into whole batch-norm steps:
 
-    forward, training: stats partial -> stats combine (+ running update) -> normalize   3 launches
+    forward, training: statistics (partials; the last program per channel combines and
+                       updates the running stats) -> normalize                           2 launches
     forward, eval:     normalize with the running statistics                          1 launch
     backward:          backward partial -> backward combine -> dx                     3 launches
 """
@@ -14,12 +15,13 @@ import torch
 
 from .backward import bn_backward_dx, bn_backward_reduce
 from .normalize import bn_normalize
-from .stats import bn_stats_combine, bn_stats_combine_groups, bn_stats_partial
+from .combine import bn_stats_combine, bn_stats_combine_groups
+from .stats import bn_stats, bn_stats_partial
 from .view import NQKView, _geometry, mergeable, nqk_view, output_for
 
 __all__ = [
     "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view",
-    "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
+    "bn_stats", "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
     "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view", "output_for",
 ]
 
@@ -43,9 +45,8 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     """(y, save_mean, save_invstd) from batch statistics; running stats updated in place (any
     strides: a non-contiguous buffer is updated through a contiguous copy, written back)."""
     view = input_view(x)
-    partial = bn_stats_partial(view, splits)
     rm, rv = _contiguous(running_mean), _contiguous(running_var)
-    mean, invstd = bn_stats_combine(partial, eps, rm, rv, momentum, num_batches_tracked)
+    mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits)
     for buffer, updated in ((running_mean, rm), (running_var, rv)):
         if updated is not buffer:
             buffer.copy_(updated.view_as(buffer))

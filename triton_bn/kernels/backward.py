@@ -171,7 +171,7 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
     d_weight = torch.empty(C, dtype=param_dtype, device=x.device) if grad_weight else None
     d_bias = torch.empty(C, dtype=param_dtype, device=x.device) if grad_bias else None
     BLOCK_C = min(128, _next_power_of_2(C))
-    # Unused outputs are None, never another buffer (see stats._combine).
+    # Unused outputs are None, never another buffer (see combine._combine).
     _COMBINE((split.num, C, stat_is_var, tensor_key(partial, mean, stat, d_weight, d_bias)), (cdiv(C, BLOCK_C),), (
         partial, split.num, C, mean, stat, sums, d_weight, d_bias, float(eps),
     ), dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias,

@@ -45,14 +45,22 @@ class Launch:
         self.jit = fn.fn if isinstance(fn, Autotuner) else fn
         self.names = self.jit.arg_names
         self.plans: Dict[tuple, Tuple] = {}
+        self.seen: set = set()  # keys already tuned on scratch arguments
         # Compiled kernels exist to be launched directly unless the interpreter runs them (the
         # resource report also turns it off while it records launches).
         self.direct = not interpreting()
         _ALL_LAUNCHES.append(self)
 
-    def __call__(self, key: tuple, grid, args: tuple, constexprs: dict) -> None:
+    def __call__(self, key: tuple, grid, args: tuple, constexprs: dict, scratch: tuple = ()) -> None:
         """Launch with positional runtime ``args`` (the kernel's leading parameters) and keyword
-        ``constexprs`` (the rest but the autotuned ones); ``grid`` as Triton takes it."""
+        ``constexprs`` (the rest but the autotuned ones); ``grid`` as Triton takes it.
+
+        ``scratch``: indices of arguments the kernel updates in place (running statistics).
+        The first call of a key runs once on clones of them, so that an autotuner, which runs
+        every candidate several times, only ever moves the clones; then once for real."""
+        if scratch and key not in self.seen:
+            self.seen.add(key)
+            self.fn[grid](*(a.clone() if i in scratch else a for i, a in enumerate(args)), **constexprs)
         if not self.direct:
             self.fn[grid](*args, **constexprs)
             return
@@ -90,5 +98,6 @@ def clear_plans() -> None:
     """Forget every recorded launch (e.g. after a tuning file changed the chosen configs)."""
     for launch in _ALL_LAUNCHES:
         launch.plans.clear()
+        launch.seen.clear()
 
 

@@ -26,9 +26,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
-from .helpers import (_channel_pivot, _invstd, _is_finite, _lane_counts, _merge_groups,
-                      _split_bounds, _tile_offsets, _wide_scalar, split_float)
+from .helpers import (_channel_pivot, _lane_counts, _merge_groups,
+                      _split_bounds, _tile_offsets, split_float)
+from .combine import _combine_channels, _next_power_of_2, bn_stats_combine, bn_stats_combine_groups  # noqa: F401
 from .launch import Launch, tensor_key
 from .tuning import autotune_tiles, cdiv, stats_splits
 from .view import NQKView
@@ -43,6 +45,12 @@ def _bn_stats_partial_kernel(
     x_n_stride, x_q_stride, x_k_stride,
     rows_per_split, cols_per_split, splits_k,
     partial_field_stride,  # P * C
+    tickets_ptr,  # [programs along axis 0] int32, zero between calls (COMBINE)
+    mean_ptr, invstd_ptr,  # [C] out (COMBINE): batch mean, 1 / sqrt(biased var + eps)
+    running_mean_ptr, running_var_ptr,  # [C] updated in place (COMBINE and UPDATE_RUNNING)
+    num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
+    momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
+    COMBINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -89,95 +97,25 @@ def _bn_stats_partial_kernel(
         tl.store(out + partial_field_stride + pid_c, m2_c)
         tl.store(out + 2 * partial_field_stride + pid_c, count_c)
         tl.store(out + 3 * partial_field_stride + pid_c, pivot)
-
-
-@triton.jit
-def _bn_stats_combine_kernel(
-    partial_ptr,  # moments of P groups per channel: shifted mean at p*group_stride + c,
-    P, C,  #        M2 at + field_stride, count at + 2*field_stride, pivot at + 3*field_stride
-    partial_group_stride, partial_field_stride,
-    mean_ptr,  # [C] out: batch mean
-    invstd_ptr,  # [C] out: 1 / sqrt(biased var + eps)
-    moments_ptr,  # [4, C] out (WRITE_MOMENTS): merged shifted mean, M2, count, pivot
-    running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
-    num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
-    momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
-    acc_dtype = partial_ptr.dtype.element_ty
-    # The groups' pivots agree for the splits of one input; groups from different ranks differ,
-    # so all are re-shifted to one common pivot (a sample value of a non-empty group: the
-    # difference of two nearby samples is exact).
-    pivot = tl.full([BLOCK_C], float("-inf"), acc_dtype)
-    for p0 in range(0, P, BLOCK_P):
-        groups = p0 + tl.arange(0, BLOCK_P)
-        mask = (groups < P)[:, None] & channel_mask[None, :]
-        offsets = groups[:, None].to(tl.int64) * partial_group_stride + channels[None, :]
-        g_count = tl.load(partial_ptr + 2 * partial_field_stride + offsets, mask=mask, other=0.0)
-        g_pivot = tl.load(partial_ptr + 3 * partial_field_stride + offsets, mask=mask, other=0.0)
-        pivot = tl.maximum(pivot, tl.max(tl.where(g_count > 0, g_pivot, float("-inf")), 0))
-    pivot = tl.where(pivot == float("-inf"), 0.0, pivot)
-    # Pass 1: the mean as a plain sum, so NaN and +-Inf propagate as torch's sum does, wherever
-    # they sit (a running Chan merge would turn inf followed by finite values into NaN).
-    total = tl.zeros([BLOCK_C], acc_dtype)
-    count = tl.zeros([BLOCK_C], acc_dtype)
-    for p0 in range(0, P, BLOCK_P):
-        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, partial_field_stride,
-                                           channels, channel_mask, pivot, BLOCK_P)
-        total += tl.sum(g_count * g_mean, 0)
-        count += tl.sum(g_count, 0)
-    shifted_mean = total / tl.maximum(count, 1.0)
-    # Pass 2: M2 = sum over groups of M2_g + n_g (mean_g - mean)^2, exact for any split.
-    m2 = tl.zeros([BLOCK_C], acc_dtype)
-    for p0 in range(0, P, BLOCK_P):
-        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, partial_field_stride,
-                                           channels, channel_mask, pivot, BLOCK_P)
-        groups = p0 + tl.arange(0, BLOCK_P)
-        mask = (groups < P)[:, None] & channel_mask[None, :]
-        offsets = groups[:, None].to(tl.int64) * partial_group_stride + channels[None, :]
-        g_m2 = tl.load(partial_ptr + partial_field_stride + offsets, mask=mask, other=0.0)
-        delta = g_mean - shifted_mean[None, :]
-        m2 += tl.sum(g_m2 + tl.where(g_count > 0, g_count * delta * delta, 0.0), 0)
-    mean = pivot + shifted_mean
-    # torch's variance of a channel holding NaN or +-Inf is NaN (x - mean is NaN somewhere).
-    m2 = tl.where(_is_finite(mean), m2, float("nan"))
-    var = m2 / tl.maximum(count, 1.0)
-    tl.store(mean_ptr + channels, mean, mask=channel_mask)
-    tl.store(invstd_ptr + channels, _invstd(var, eps), mask=channel_mask)
-    if WRITE_MOMENTS:
-        tl.store(moments_ptr + channels, shifted_mean, mask=channel_mask)
-        tl.store(moments_ptr + C + channels, m2, mask=channel_mask)
-        tl.store(moments_ptr + 2 * C + channels, count, mask=channel_mask)
-        tl.store(moments_ptr + 3 * C + channels, pivot, mask=channel_mask)
-    if UPDATE_RUNNING:
-        if CUMULATIVE_AVERAGE:
-            factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
-        else:
-            factor = _wide_scalar(momentum_hi, momentum_lo, acc_dtype)
-        unbiased_var = m2 / (count - 1.0)
-        old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask)
-        old_var = tl.load(running_var_ptr + channels, mask=channel_mask)
-        new_mean = (1.0 - factor) * old_mean.to(acc_dtype) + factor * mean
-        new_var = (1.0 - factor) * old_var.to(acc_dtype) + factor * unbiased_var
-        tl.store(running_mean_ptr + channels, new_mean.to(old_mean.dtype), mask=channel_mask)
-        tl.store(running_var_ptr + channels, new_var.to(old_var.dtype), mask=channel_mask)
-
-
-@triton.jit
-def _load_group_mean(partial_ptr, p0, P, C, group_stride, field_stride, channels, channel_mask, pivot,
-                     BLOCK_P: tl.constexpr):
-    """[BLOCK_P, BLOCK_C] group means re-shifted to ``pivot``, and the groups' counts."""
-    groups = p0 + tl.arange(0, BLOCK_P)
-    mask = (groups < P)[:, None] & channel_mask[None, :]
-    offsets = groups[:, None].to(tl.int64) * group_stride + channels[None, :]
-    g_mean = tl.load(partial_ptr + offsets, mask=mask, other=0.0)
-    g_count = tl.load(partial_ptr + 2 * field_stride + offsets, mask=mask, other=0.0)
-    g_pivot = tl.load(partial_ptr + 3 * field_stride + offsets, mask=mask, other=0.0)
-    g_mean = tl.where(g_count > 0, (g_pivot - pivot[None, :]) + g_mean, 0.0)
-    return g_mean, g_count
+    if COMBINE:
+        # The last program of a channel (block) to finish merges every split's partials, in
+        # split order: one launch fewer, and the same bits as a separate combine. The ticket
+        # is acq_rel at GPU scope: the partials stored above are visible to whoever draws the
+        # last ticket, and that program sees all of them. It resets the ticket for next time.
+        P = tl.num_programs(1)
+        ticket = tl.atomic_add(tickets_ptr + pid_c, 1)
+        if ticket == P - 1:
+            if CHANNELS_LAST:
+                channels = col_lo + tl.arange(0, BLOCK_K)
+                block_p: tl.constexpr = BLOCK_R
+            else:
+                channels = pid_c + tl.arange(0, 1)
+                block_p: tl.constexpr = BLOCK_R * BLOCK_K
+            _combine_channels(partial_ptr, P, C, C, partial_field_stride, channels, channels < C,
+                              mean_ptr, invstd_ptr, None, running_mean_ptr, running_var_ptr,
+                              num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
+                              UPDATE_RUNNING, CUMULATIVE_AVERAGE, False, block_p)
+            tl.atomic_xchg(tickets_ptr + pid_c, 0)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -190,7 +128,6 @@ def tl_dtype(dtype: torch.dtype):
 
 
 _PARTIAL = Launch(_bn_stats_partial_kernel)
-_COMBINE = Launch(_bn_stats_combine_kernel)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -210,66 +147,67 @@ def _partial_spec(geometry: tuple, dtype: torch.dtype, device: torch.device, spl
 
 
 def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tensor:
-    """Pass 1: per-split moments, a [4, P, C] tensor of the accumulation dtype: the mean of
-    x - pivot, M2, count, and the pivot (the same for every split of a channel)."""
+    """Pass 1 alone: per-split moments, a [4, P, C] tensor of the accumulation dtype: the mean
+    of x - pivot, M2, count, and the pivot (the same for every split of a channel). For
+    callers that combine groups themselves (SyncBatchNorm merges every rank's)."""
     x = view.tensor
     key = (view[1:], x.dtype, x.device, splits)
     shape, grid, ints, constexprs = _partial_spec(*key)
     partial = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
-    _PARTIAL((key, x.data_ptr() & 15), grid, (x, partial, *ints), constexprs)
+    _PARTIAL((key, False, x.data_ptr() & 15), grid,
+             (x, partial, *ints, None, None, None, None, None, None, 0.0, 0.0, 0.0),
+             dict(constexprs, COMBINE=False, UPDATE_RUNNING=False, CUMULATIVE_AVERAGE=False))
     return partial
 
 
-def bn_stats_combine(partial: torch.Tensor, eps: float,
-                     running_mean: Optional[torch.Tensor] = None,
-                     running_var: Optional[torch.Tensor] = None,
-                     momentum: float = 0.1,
-                     num_batches_tracked: Optional[torch.Tensor] = None,
-                     return_moments: bool = False):
-    """Pass 2: merge ``partial`` [4, P, C] into (save_mean, save_invstd[, moments [4, C]]);
-    updates the running statistics in place when given.
+def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = None,
+             running_var: Optional[torch.Tensor] = None, momentum: float = 0.1,
+             num_batches_tracked: Optional[torch.Tensor] = None, splits: Optional[int] = None):
+    """(save_mean, save_invstd) in one launch: the partial pass, whose last program per
+    channel (block) combines; running statistics (contiguous) updated in place, exactly once.
 
     ``num_batches_tracked`` (a device counter, already incremented) replaces ``momentum`` by
-    the cumulative-average factor 1 / num_batches_tracked without a host sync.
-    """
-    return _combine(partial, partial.shape[1], partial.stride(1), partial.stride(0), eps,
-                    running_mean, running_var, momentum, num_batches_tracked, return_moments)
-
-
-def bn_stats_combine_groups(moments: torch.Tensor, eps: float, **kwargs):
-    """Combine per-group moments stacked as [G, 4, C] (e.g. all-gathered from ranks), each group
-    as ``bn_stats_combine(..., return_moments=True)`` returns it; pivots may differ by group."""
-    return _combine(moments, moments.shape[0], moments.stride(0), moments.stride(1), eps, **kwargs)
-
-
-def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, running_var=None,
-             momentum=0.1, num_batches_tracked=None, return_moments=False):
-    assert partial.stride(-1) == 1, "moments must have unit channel stride"
-    C = partial.shape[-1]
-    mean = torch.empty(C, dtype=partial.dtype, device=partial.device)
-    invstd = torch.empty_like(mean)
-    moments = torch.empty((4, C), dtype=partial.dtype, device=partial.device) if return_moments else None
+    the cumulative-average factor 1 / num_batches_tracked without a host sync. The first call
+    of a shape autotunes on scratch copies of the running statistics, so benchmarking the
+    candidates never moves the real ones."""
+    x = view.tensor
+    geometry_key = (view[1:], x.dtype, x.device, splits)
+    shape, grid, ints, constexprs = _partial_spec(*geometry_key)
+    acc = acc_dtype(x.dtype)
+    partial = torch.empty(shape, dtype=acc, device=x.device)
+    mean = torch.empty(shape[2], dtype=acc, device=x.device)
+    invstd = torch.empty(shape[2], dtype=acc, device=x.device)
     update = running_mean is not None
-    # Unused pointers are None, never another argument: a compiler that cannot see which
-    # arguments a kernel writes must not find an output aliased with an input.
-    running_mean, running_var = (running_mean, running_var) if update else (None, None)
     cumulative = num_batches_tracked is not None
-    key = (P, C, group_stride, field_stride, return_moments, update, cumulative,
-           tensor_key(partial, running_mean, running_var, num_batches_tracked))
-    grid, constexprs = _combine_spec(C, update, cumulative, return_moments)
-    _COMBINE(key, grid, (
-        partial, P, C, group_stride, field_stride, mean, invstd, moments,
-        running_mean, running_var, num_batches_tracked, *split_float(momentum), float(eps),
-    ), constexprs)
-    return (mean, invstd, moments) if return_moments else (mean, invstd)
+    key = (geometry_key, True, update, cumulative,
+           tensor_key(x, running_mean, running_var, num_batches_tracked))
+    _PARTIAL(key, grid, (x, partial, *ints, _tickets(x.device, shape[2]), mean, invstd, running_mean, running_var,
+                         num_batches_tracked, *split_float(momentum), float(eps)),
+             _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"], update, cumulative),
+             scratch=(_RUNNING_MEAN_ARG, _RUNNING_VAR_ARG) if update else ())
+    return mean, invstd
 
 
-@functools.lru_cache(maxsize=1024)
-def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool):
-    BLOCK_C = min(128, _next_power_of_2(C))
-    return (cdiv(C, BLOCK_C),), dict(UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative,
-                                     WRITE_MOMENTS=return_moments, BLOCK_P=32, BLOCK_C=BLOCK_C)
+_PARTIAL = Launch(_bn_stats_partial_kernel)
+_RUNNING_MEAN_ARG = _PARTIAL.names.index("running_mean_ptr")
+_RUNNING_VAR_ARG = _PARTIAL.names.index("running_var_ptr")
+_TICKETS: dict = {}
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+@functools.lru_cache(maxsize=64)
+def _fused_constexprs(channels_last, acc, update: bool, cumulative: bool) -> dict:
+    return dict(CHANNELS_LAST=channels_last, ACC_DTYPE=acc, COMBINE=True, UPDATE_RUNNING=update,
+                CUMULATIVE_AVERAGE=cumulative)
+
+
+def _tickets(device: torch.device, programs: int) -> torch.Tensor:
+    """The zeroed int32 ticket counters of the current stream: the kernel's last program per
+    channel resets its counter, so the buffer stays zeroed between calls and needs no memset
+    launch (also inside CUDA graphs). One buffer per stream: kernels on two streams may run at
+    once."""
+    stream = driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
+    tickets = _TICKETS.get((device, stream))
+    if tickets is None or tickets.numel() < programs:
+        tickets = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
+        _TICKETS[(device, stream)] = tickets
+    return tickets

@@ -144,12 +144,15 @@ def _recording(sink: list):
 
 def _scenarios(x: torch.Tensor):
     """(variant, thunk) for each way the library launches kernels on x."""
-    from triton_bn.kernels import bn_backward, bn_forward_eval, bn_forward_train
+    from triton_bn.kernels import (bn_backward, bn_forward_eval, bn_forward_train, bn_stats_combine,
+                                   bn_stats_partial, input_view)
     C = x.shape[1]
     vec = lambda: torch.empty(C, dtype=torch.float32, device=x.device)  # noqa: E731
     dy = torch.empty_like(x)
     return [
         ("train", lambda: bn_forward_train(x, vec(), vec(), vec(), vec(), 0.1, 1e-5)),
+        # SyncBatchNorm: partials alone, then the combine kernel over every rank's moments.
+        ("train", lambda: bn_stats_combine(bn_stats_partial(input_view(x)), 1e-5, vec(), vec())),
         ("eval", lambda: bn_forward_eval(x, vec(), vec(), vec(), vec(), 1e-5)),
         ("train", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=True)),
         ("eval", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=False)),

@@ -1,0 +1,189 @@
+"""The statistics combine: merge per-group moments into per-channel statistics.
+
+Groups are the splits of one input (stats.py writes them) or, for SyncBatchNorm, the ranks'
+moments. Each group is (shifted mean, M2, count, pivot). All groups are re-shifted to one
+common pivot (for splits of one input the pivots agree; ranks' pivots differ by an exact
+amount), then
+
+    mean = pivot + sum(n_g mean_g) / n          a plain sum: NaN and +-Inf as torch's
+    M2   = sum(M2_g + n_g (mean_g - mean)^2)    exact for any grouping
+    var  = M2 / n  (NaN when mean is not finite, as torch's)
+
+and the running statistics move by momentum (or 1 / num_batches_tracked, read on the
+device), once: this runs either as its own kernel or in the last program of the statistics
+kernel, never under an autotuner's repeated calls.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .helpers import _invstd, _is_finite, _wide_scalar, split_float
+from .launch import Launch, tensor_key
+from .tuning import cdiv
+
+
+@triton.jit
+def _combine_channels(
+    partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
+    mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    momentum_hi, momentum_lo, eps,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Merge the P groups of ``channels`` (a vector) and write their statistics: the body of
+    the combine kernel, and of the statistics kernel's last program per channel (stats.py)."""
+    acc_dtype = partial_ptr.dtype.element_ty
+    # The groups' pivots agree for the splits of one input; groups from different ranks differ,
+    # so all are re-shifted to one common pivot (a sample value of a non-empty group: the
+    # difference of two nearby samples is exact).
+    pivot = tl.full(channels.shape, float("-inf"), acc_dtype)
+    for p0 in range(0, P, BLOCK_P):
+        groups = p0 + tl.arange(0, BLOCK_P)
+        mask = (groups < P)[:, None] & channel_mask[None, :]
+        offsets = groups[:, None].to(tl.int64) * partial_group_stride + channels[None, :]
+        g_count = tl.load(partial_ptr + 2 * partial_field_stride + offsets, mask=mask, other=0.0)
+        g_pivot = tl.load(partial_ptr + 3 * partial_field_stride + offsets, mask=mask, other=0.0)
+        pivot = tl.maximum(pivot, tl.max(tl.where(g_count > 0, g_pivot, float("-inf")), 0))
+    pivot = tl.where(pivot == float("-inf"), 0.0, pivot)
+    # Pass 1: the mean as a plain sum, so NaN and +-Inf propagate as torch's sum does, wherever
+    # they sit (a running Chan merge would turn inf followed by finite values into NaN).
+    total = tl.zeros(channels.shape, acc_dtype)
+    count = tl.zeros(channels.shape, acc_dtype)
+    for p0 in range(0, P, BLOCK_P):
+        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, partial_field_stride,
+                                           channels, channel_mask, pivot, BLOCK_P)
+        total += tl.sum(g_count * g_mean, 0)
+        count += tl.sum(g_count, 0)
+    shifted_mean = total / tl.maximum(count, 1.0)
+    # Pass 2: M2 = sum over groups of M2_g + n_g (mean_g - mean)^2, exact for any split.
+    m2 = tl.zeros(channels.shape, acc_dtype)
+    for p0 in range(0, P, BLOCK_P):
+        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, partial_field_stride,
+                                           channels, channel_mask, pivot, BLOCK_P)
+        groups = p0 + tl.arange(0, BLOCK_P)
+        mask = (groups < P)[:, None] & channel_mask[None, :]
+        offsets = groups[:, None].to(tl.int64) * partial_group_stride + channels[None, :]
+        g_m2 = tl.load(partial_ptr + partial_field_stride + offsets, mask=mask, other=0.0)
+        delta = g_mean - shifted_mean[None, :]
+        m2 += tl.sum(g_m2 + tl.where(g_count > 0, g_count * delta * delta, 0.0), 0)
+    mean = pivot + shifted_mean
+    # torch's variance of a channel holding NaN or +-Inf is NaN (x - mean is NaN somewhere).
+    m2 = tl.where(_is_finite(mean), m2, float("nan"))
+    var = m2 / tl.maximum(count, 1.0)
+    tl.store(mean_ptr + channels, mean, mask=channel_mask)
+    tl.store(invstd_ptr + channels, _invstd(var, eps), mask=channel_mask)
+    if WRITE_MOMENTS:
+        tl.store(moments_ptr + channels, shifted_mean, mask=channel_mask)
+        tl.store(moments_ptr + C + channels, m2, mask=channel_mask)
+        tl.store(moments_ptr + 2 * C + channels, count, mask=channel_mask)
+        tl.store(moments_ptr + 3 * C + channels, pivot, mask=channel_mask)
+    if UPDATE_RUNNING:
+        if CUMULATIVE_AVERAGE:
+            factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
+        else:
+            factor = _wide_scalar(momentum_hi, momentum_lo, acc_dtype)
+        unbiased_var = m2 / (count - 1.0)
+        old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask)
+        old_var = tl.load(running_var_ptr + channels, mask=channel_mask)
+        new_mean = (1.0 - factor) * old_mean.to(acc_dtype) + factor * mean
+        new_var = (1.0 - factor) * old_var.to(acc_dtype) + factor * unbiased_var
+        tl.store(running_mean_ptr + channels, new_mean.to(old_mean.dtype), mask=channel_mask)
+        tl.store(running_var_ptr + channels, new_var.to(old_var.dtype), mask=channel_mask)
+
+
+@triton.jit
+def _load_group_mean(partial_ptr, p0, P, C, group_stride, field_stride, channels, channel_mask, pivot,
+                     BLOCK_P: tl.constexpr):
+    """[BLOCK_P, BLOCK_C] group means re-shifted to ``pivot``, and the groups' counts."""
+    groups = p0 + tl.arange(0, BLOCK_P)
+    mask = (groups < P)[:, None] & channel_mask[None, :]
+    offsets = groups[:, None].to(tl.int64) * group_stride + channels[None, :]
+    g_mean = tl.load(partial_ptr + offsets, mask=mask, other=0.0)
+    g_count = tl.load(partial_ptr + 2 * field_stride + offsets, mask=mask, other=0.0)
+    g_pivot = tl.load(partial_ptr + 3 * field_stride + offsets, mask=mask, other=0.0)
+    g_mean = tl.where(g_count > 0, (g_pivot - pivot[None, :]) + g_mean, 0.0)
+    return g_mean, g_count
+
+
+@triton.jit
+def _bn_stats_combine_kernel(
+    partial_ptr,  # moments of P groups per channel: shifted mean at p*group_stride + c,
+    P, C,  #        M2 at + field_stride, count at + 2*field_stride, pivot at + 3*field_stride
+    partial_group_stride, partial_field_stride,
+    mean_ptr,  # [C] out: batch mean
+    invstd_ptr,  # [C] out: 1 / sqrt(biased var + eps)
+    moments_ptr,  # [4, C] out (WRITE_MOMENTS): merged shifted mean, M2, count, pivot
+    running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
+    num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
+    momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    _combine_channels(partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
+                      mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+                      momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, WRITE_MOMENTS, BLOCK_P)
+
+
+_COMBINE = Launch(_bn_stats_combine_kernel)
+
+
+def bn_stats_combine(partial: torch.Tensor, eps: float,
+                     running_mean: Optional[torch.Tensor] = None,
+                     running_var: Optional[torch.Tensor] = None,
+                     momentum: float = 0.1,
+                     num_batches_tracked: Optional[torch.Tensor] = None,
+                     return_moments: bool = False):
+    """Pass 2: merge ``partial`` [4, P, C] into (save_mean, save_invstd[, moments [4, C]]);
+    updates the running statistics in place when given.
+
+    ``num_batches_tracked`` (a device counter, already incremented) replaces ``momentum`` by
+    the cumulative-average factor 1 / num_batches_tracked without a host sync.
+    """
+    return _combine(partial, partial.shape[1], partial.stride(1), partial.stride(0), eps,
+                    running_mean, running_var, momentum, num_batches_tracked, return_moments)
+
+
+def bn_stats_combine_groups(moments: torch.Tensor, eps: float, **kwargs):
+    """Combine per-group moments stacked as [G, 4, C] (e.g. all-gathered from ranks), each group
+    as ``bn_stats_combine(..., return_moments=True)`` returns it; pivots may differ by group."""
+    return _combine(moments, moments.shape[0], moments.stride(0), moments.stride(1), eps, **kwargs)
+
+
+def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, running_var=None,
+             momentum=0.1, num_batches_tracked=None, return_moments=False):
+    assert partial.stride(-1) == 1, "moments must have unit channel stride"
+    C = partial.shape[-1]
+    mean = torch.empty(C, dtype=partial.dtype, device=partial.device)
+    invstd = torch.empty_like(mean)
+    moments = torch.empty((4, C), dtype=partial.dtype, device=partial.device) if return_moments else None
+    update = running_mean is not None
+    # Unused pointers are None, never another argument: a compiler that cannot see which
+    # arguments a kernel writes must not find an output aliased with an input.
+    running_mean, running_var = (running_mean, running_var) if update else (None, None)
+    cumulative = num_batches_tracked is not None
+    key = (P, C, group_stride, field_stride, return_moments, update, cumulative,
+           tensor_key(partial, running_mean, running_var, num_batches_tracked))
+    grid, constexprs = _combine_spec(C, update, cumulative, return_moments)
+    _COMBINE(key, grid, (
+        partial, P, C, group_stride, field_stride, mean, invstd, moments,
+        running_mean, running_var, num_batches_tracked, *split_float(momentum), float(eps),
+    ), constexprs)
+    return (mean, invstd, moments) if return_moments else (mean, invstd)
+
+
+@functools.lru_cache(maxsize=1024)
+def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool):
+    BLOCK_C = min(128, _next_power_of_2(C))
+    return (cdiv(C, BLOCK_C),), dict(UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative,
+                                     WRITE_MOMENTS=return_moments, BLOCK_P=32, BLOCK_C=BLOCK_C)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
