@@ -247,3 +247,14 @@ def test_autotuning_moves_the_running_statistics_exactly_once(device, monkeypatc
     M = x.numel() // 2
     assert_close(rm, 0.5 * ref_mean, torch.float32, "running_mean after one call")
     assert_close(rv, 0.5 + 0.5 * ref_var * M / (M - 1), torch.float32, "running_var after one call")
+
+
+def test_training_and_eval_normalize_tune_separately(device):
+    """The eval normalize computes invstd from the running variance: its own autotune key."""
+    x = random_input((3, 4, 5, 7), torch.float32, device, seed=23)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    kernel = normalize_kernels._bn_normalize_kernel
+    kernel.cache.clear()
+    bn_forward_train(x, None, None, rm, rv)
+    bn_forward_eval(x, None, None, rm, rv)
+    assert len(kernel.cache) == 2, list(kernel.cache)

@@ -181,7 +181,7 @@ def test_tune_records_every_candidate_and_the_winner(tuned):
     benchmarked = [e for e in data["entries"] if len(e["candidates"]) > 1]
     assert benchmarked, "GPU pruning keeps several candidates per key"
     for entry in data["entries"]:
-        assert entry["kernel"] in KERNELS and entry["key_names"] == ["N", "Q", "K", "CHANNELS_LAST"]
+        assert entry["kernel"] in KERNELS and entry["key_names"] == autotuned_kernels()[entry["kernel"]].keys
         configs = [c["config"] for c in entry["candidates"]]
         assert entry["winner"] == configs[0], "equal (0 ms) times: the autotuner keeps the first"
         assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
@@ -379,21 +379,21 @@ def test_stale_entries_are_named_and_skipped_the_rest_applied(tmp_path):
     key = [2, 8, 100, False, "torch.float32", "torch.float32"]
     good = _entry(KERNELS[0], key, _tile(1))
     gone = _entry("_bn_gone_kernel", key, _tile(1))
-    not_a_candidate = _entry(KERNELS[1], key, {**_tile(1), "kwargs": {"BLOCK_R": 3, "BLOCK_K": 64}})  # never a tile
-    new_key = dict(_entry(KERNELS[2], key, _tile(1)), key_names=["N", "Q", "K"])
+    not_a_candidate = _entry(KERNELS[2], key, {**_tile(1), "kwargs": {"BLOCK_R": 3, "BLOCK_K": 64}})  # never a tile
+    new_key = dict(_entry(KERNELS[1], key, _tile(1)), key_names=["N", "Q", "K"])
     path = _write(tmp_path, _file([gone, good, not_a_candidate, new_key]))
     key_text = "(2, 8, 100, False, 'torch.float32', 'torch.float32')"
     expected = (f"tuning file {path}: skipped 3 of 4 entries: _bn_gone_kernel (no such autotuned kernel); "
-                f"{KERNELS[1]} {key_text} (config BLOCK_R=3, BLOCK_K=64, num_warps={_tile(1)['num_warps']} "
+                f"{KERNELS[2]} {key_text} (config BLOCK_R=3, BLOCK_K=64, num_warps={_tile(1)['num_warps']} "
                 "is not among its candidates); "
-                f"{KERNELS[2]} {key_text} (the kernel's autotune key is now ['N', 'Q', 'K', 'CHANNELS_LAST'], "
-                "the file's is ['N', 'Q', 'K'])")
+                f"{KERNELS[1]} {key_text} (the kernel's autotune key is now "
+                "['N', 'Q', 'K', 'CHANNELS_LAST', 'STAT_IS_VAR'], the file's is ['N', 'Q', 'K'])")
     with pytest.warns(TuningWarning) as warned:
         report = use_tuning(path)
     assert [str(w.message) for w in warned] == [expected]
     assert report.applied == 1 and len(report.skipped) == 3
     assert tuple(key) in autotuned_kernels()[KERNELS[0]].cache
-    assert tuple(key) not in autotuned_kernels()[KERNELS[1]].cache
+    assert tuple(key) not in autotuned_kernels()[KERNELS[2]].cache
 
 
 # ---------------------------------------------------------------------------------------------

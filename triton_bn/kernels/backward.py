@@ -106,7 +106,7 @@ def _bn_backward_combine_kernel(
         tl.store(grad_bias_ptr + channels, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=channel_mask)
 
 
-@autotune_tiles()
+@autotune_tiles("TRAINING", "STAT_IS_VAR")
 @triton.jit
 def _bn_backward_dx_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, Q, K] views, strides {x,dy,dx}_{n,q,k}_stride

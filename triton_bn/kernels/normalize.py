@@ -24,7 +24,7 @@ from .tuning import autotune_tiles, cdiv
 from .view import NQKView, dense, empty_output, nqk_view
 
 
-@autotune_tiles()
+@autotune_tiles("STAT_IS_VAR")
 @triton.jit
 def _bn_normalize_kernel(
     x_ptr,  # [N, Q, K] input, strides x_{n,q,k}_stride

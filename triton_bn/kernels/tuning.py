@@ -128,9 +128,11 @@ def autotuned_kernels() -> dict:
     return dict(_AUTOTUNED)
 
 
-def autotune_tiles():
-    """The autotune decorator shared by the partial-reduction and elementwise kernels."""
-    autotune = triton.autotune(configs=TILE_CONFIGS, key=TUNING_KEY,
+def autotune_tiles(*extra_key: str):
+    """The autotune decorator shared by the partial-reduction and elementwise kernels.
+    ``extra_key``: constexpr flags that change the work per element enough to want their own
+    config (eval's normalize computes invstd per tile; training's dx reads x as well)."""
+    autotune = triton.autotune(configs=TILE_CONFIGS, key=TUNING_KEY + list(extra_key),
                                prune_configs_by={"early_config_prune": prune_tile_configs},
                                do_bench=do_bench)
 
