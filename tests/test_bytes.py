@@ -1,0 +1,99 @@
+"""Bytes each op moves, counted through Triton's interpreter, against README's table.
+
+Every masked load and store the interpreter executes is recorded with its addresses; the
+elements that fall inside an ``[N, Q, K]`` tensor (x, y, dy, dx) are counted per tensor.
+Per-channel vectors, partials and the statistics' pivot row are not in those ranges (the pivot
+row is, and is the allowance below: one element per program and channel).
+
+    forward, training   x read twice (statistics, normalize), y written once     3·T·e
+    forward, eval       x read once, y written once                              2·T·e
+    backward, training  x and dy read twice (reduction, dx), dx written once     5·T·e
+"""
+import numpy as np
+import pytest
+import torch
+from triton.runtime import interpreter
+
+from tests.reference import random_input
+from triton_bn.kernels import bn_backward, bn_forward_eval, bn_forward_train
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's memory accesses")
+
+
+class _Accesses:
+    def __init__(self):
+        self.loads, self.stores = [], []
+
+    def count(self, tensor: torch.Tensor, kind: str) -> float:
+        """Elements of ``tensor``'s storage span touched by ``kind`` accesses, in units of numel."""
+        lo = tensor.data_ptr()
+        hi = lo + (tensor.untyped_storage().nbytes())
+        total = 0
+        for addresses in (self.loads if kind == "load" else self.stores):
+            total += int(np.count_nonzero((addresses >= lo) & (addresses < hi)))
+        return total / tensor.numel()
+
+
+@pytest.fixture
+def accesses(monkeypatch):
+    record = _Accesses()
+    builder = interpreter.InterpreterBuilder
+    masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
+
+    def load(self, ptrs, mask, *args):
+        record.loads.append(ptrs.data[mask.data].astype(np.uint64).ravel())
+        return masked_load(self, ptrs, mask, *args)
+
+    def store(self, ptrs, value, mask, *args):
+        record.stores.append(ptrs.data[mask.data].astype(np.uint64).ravel())
+        return masked_store(self, ptrs, value, mask, *args)
+
+    monkeypatch.setattr(builder, "create_masked_load", load)
+    monkeypatch.setattr(builder, "create_masked_store", store)
+    return record
+
+
+LAYOUTS = [((8, 4, 16, 16), "contiguous"), ((8, 4, 16, 16), "channels_last"), ((512, 24), "contiguous")]
+# The pivot row (one element per channel and statistics program) is read from x as well.
+PIVOT_ALLOWANCE = 0.02
+
+
+def _close(measured: float, expected: float, name: str):
+    assert expected <= measured <= expected + PIVOT_ALLOWANCE, f"{name}: {measured:.3f} x numel, model {expected}"
+
+
+@pytest.mark.parametrize("shape,layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_training_reads_x_twice_writes_y_once(shape, layout, dtype, accesses, device):
+    x = random_input(shape, dtype, device, layout, seed=30)
+    C = shape[1]
+    bn_forward_train(x, None, None, torch.zeros(C, device=device), torch.ones(C, device=device))  # tunes
+    accesses.loads.clear(), accesses.stores.clear()
+    y, _, _ = bn_forward_train(x, None, None, torch.zeros(C, device=device), torch.ones(C, device=device))
+    _close(accesses.count(x, "load"), 2.0, "x loads")
+    _close(accesses.count(y, "store"), 1.0, "y stores")
+    assert accesses.count(x, "store") == 0 and accesses.count(y, "load") == 0
+
+
+@pytest.mark.parametrize("shape,layout", LAYOUTS)
+def test_forward_eval_reads_x_once(shape, layout, accesses, device):
+    x = random_input(shape, torch.float32, device, layout, seed=31)
+    C = shape[1]
+    bn_forward_eval(x, None, None, torch.zeros(C, device=device), torch.ones(C, device=device))  # tunes
+    accesses.loads.clear(), accesses.stores.clear()
+    y = bn_forward_eval(x, None, None, torch.zeros(C, device=device), torch.ones(C, device=device))
+    _close(accesses.count(x, "load"), 1.0, "x loads")
+    _close(accesses.count(y, "store"), 1.0, "y stores")
+
+
+@pytest.mark.parametrize("shape,layout", LAYOUTS)
+def test_backward_training_reads_x_and_dy_twice(shape, layout, accesses, device):
+    x = random_input(shape, torch.float32, device, layout, seed=32)
+    dy = random_input(shape, torch.float32, device, layout, seed=33)
+    _, mean, invstd = bn_forward_train(x, None, None, None, None)
+    bn_backward(dy, x, None, mean, invstd)  # tunes
+    accesses.loads.clear(), accesses.stores.clear()
+    dx, _, _ = bn_backward(dy, x, None, mean, invstd)
+    _close(accesses.count(x, "load"), 2.0, "x loads")
+    _close(accesses.count(dy, "load"), 2.0, "dy loads")
+    _close(accesses.count(dx, "store"), 1.0, "dx stores")
