@@ -290,3 +290,90 @@ def test_compiled_fused_call_is_exactly_eager(save, device):
         results.append((y, *(t.grad for t in leaves)))
     for name, a, c in zip(("y", "dx", "dresidual", "dweight", "dbias"), *results):
         assert torch.equal(a, c), f"{name} differs"
+
+
+# --- modules -------------------------------------------------------------------------------
+
+MODULE_CASES = [  # (class, torch class, shape, act_layer, residual, save)
+    (triton_bn.BatchNormAct1d, torch.nn.BatchNorm1d, (6, 4), "silu", False, "input"),
+    (triton_bn.BatchNormAct2d, torch.nn.BatchNorm2d, (3, 4, 5, 6), "relu", True, "input"),
+    (triton_bn.BatchNormAct2d, torch.nn.BatchNorm2d, (3, 4, 5, 6), torch.nn.LeakyReLU, True, "output"),
+    (triton_bn.BatchNormAct3d, torch.nn.BatchNorm3d, (2, 4, 3, 4, 2), "hardswish", False, "input"),
+]
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape,act,residual,save", MODULE_CASES)
+def test_batchnormact_matches_bn_then_activation(cls, torch_cls, shape, act, residual, save, device):
+    """Two training steps then eval: output, gradients and buffers of torch's BN -> (+ r) -> act,
+    and state_dicts that load both ways."""
+    ref = torch_cls(4, momentum=None).to(device)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    ours = cls(4, momentum=None, act_layer=act, save=save).to(device)
+    assert isinstance(ours, torch_cls)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    name = ours.act_layer
+    for step, training in enumerate((True, True, False)):
+        ours.train(training)
+        ref.train(training)
+        x = random_input(shape, torch.float32, device, seed=20 + step)
+        r = random_input(shape, torch.float32, device, seed=30 + step) if residual else None
+        dy = random_input(shape, torch.float32, device, seed=40 + step)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        z = ref(xs[1]) if save == "input" else F.batch_norm(
+            xs[1], ref.running_mean, ref.running_var, ref.weight.abs() + ref.eps, ref.bias,
+            training, 0.0 if not training else 1.0 / (step + 1), ref.eps)
+        if save == "output" and training:
+            ref.num_batches_tracked += 1
+        y_ref = torch_act(z + (r if residual else 0), name) if name != "leaky_relu" else \
+            F.leaky_relu(z + (r if residual else 0), 0.01)
+        y = ours(xs[0], r)
+        y.backward(dy)
+        y_ref.backward(dy)
+        assert_close(y, y_ref.double(), torch.float32, f"step {step} y")
+        assert_close(xs[0].grad, xs[1].grad.double(), torch.float32, f"step {step} dx")
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert_close(a.double(), b.double(), torch.float32, k) if a.is_floating_point() else \
+            torch.testing.assert_close(a, b)
+    assert_close(ours.weight.grad, ref.weight.grad.double(), torch.float32, "dweight")
+    ref.load_state_dict(ours.state_dict())  # and back
+
+
+def test_batchnormact_rejects_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="activation"):
+        triton_bn.BatchNormAct2d(3, act_layer="gelu")
+    with pytest.raises(ValueError, match="act_layer"):
+        triton_bn.BatchNormAct2d(3, act_layer=torch.nn.GELU)
+    with pytest.raises(ValueError, match="save='output'"):
+        triton_bn.BatchNormAct2d(3, act_layer="relu", save="output")
+
+
+def test_frozen_batchnorm2d_is_torchvisions(device):
+    """torchvision's state_dict keys (buffers only), loads a BatchNorm2d checkpoint, eval math
+    with the fused activation and residual; gradients reach x and the residual only."""
+    bn = torch.nn.BatchNorm2d(4).to(device)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    frozen = triton_bn.FrozenBatchNorm2d(4, act_layer="relu").to(device)
+    assert list(frozen.state_dict()) == ["weight", "bias", "running_mean", "running_var"]
+    assert not list(frozen.parameters())
+    frozen.load_state_dict(bn.state_dict())  # num_batches_tracked dropped, as torchvision does
+    x = random_input((3, 4, 5, 6), torch.float32, device, "channels_last", seed=50).requires_grad_()
+    r = random_input((3, 4, 5, 6), torch.float32, device, seed=51).requires_grad_()
+    y = frozen(x, r)
+    bn.eval()
+    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    y_ref = F.relu(bn.double()(x64) + r64)
+    assert_close(y, y_ref, torch.float32, "y")
+    dy = random_input((3, 4, 5, 6), torch.float32, device, seed=52)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert_close(x.grad, x64.grad, torch.float32, "dx")
+    assert_close(r.grad, r64.grad, torch.float32, "dresidual")
+    assert torch.equal(frozen.running_mean, bn.running_mean.float())
+    assert torch.equal(triton_bn.FrozenBatchNorm2d.from_batchnorm(bn.float()).running_var, bn.running_var)
