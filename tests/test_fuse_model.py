@@ -158,3 +158,34 @@ def test_in_place_abn_saves_forty_percent_of_resnet50_activations():
     ours, _ = saved_activation_bytes(lambda: fused(x).sum(), model_tensors(fused))
     saving = 1 - ours / eager
     assert saving >= 0.40, f"saved-activation bytes {ours} vs eager {eager}: {saving:.1%} less"
+
+
+def test_in_place_abn_bottleneck_matches_eager_with_the_guarded_scale():
+    """fuse_model(save="output", inplace=True) on a LeakyReLU Bottleneck: every BN (the fused
+    ones and the lone one) keeps only its output and overwrites its input; the result is
+    eager torch's with gamma -> |gamma| + eps (In-Place ABN's guard), gradients included."""
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    block = Bottleneck(8, 4, downsample=downsample)
+    block.relu = nn.LeakyReLU(0.1, inplace=True)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+    reference = copy.deepcopy(block)
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(m.weight.abs() + m.eps)
+    fused, summary = triton_bn.fuse_model(block, save="output", inplace=True, return_summary=True)
+    assert summary.counts == {"bn+act": 2, "bn+add+act": 1, "plain": 1} and len(summary.save_output) == 4
+    x = torch.randn(2, 8, 5, 5)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y, y_ref = fused(xs[0]), reference(xs[1])
+    assert_close(y, y_ref.double(), torch.float32, "y")
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert_close(xs[0].grad, xs[1].grad.double(), torch.float32, "dx")
+    for (name, p), q in zip(block.named_parameters(), reference.parameters()):
+        sign = torch.sign(p.detach()) if name.endswith("weight") and p.dim() == 1 else 1.0
+        assert_close(p.grad, (q.grad * sign).double(), torch.float32, name)

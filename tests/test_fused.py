@@ -271,16 +271,16 @@ def test_save_output_refuses_double_backward(device):
         torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
 
 
-@pytest.mark.parametrize("save", ["input", "output"])
-def test_compiled_fused_call_is_exactly_eager(save, device):
+@pytest.mark.parametrize("save,inplace", [("input", False), ("output", False), ("output", True)])
+def test_compiled_fused_call_is_exactly_eager(save, inplace, device):
     """torch.compile (aot_eager, fullgraph) traces the ops with the fused arguments: the same
-    y and gradients, bit for bit."""
+    y and gradients, bit for bit (in-place: the traced op writes a new y, then copies it)."""
     case = dict(dtype=torch.float32, layout="channels_last", residual=True)
     x, r, dy, w, b, rm, rv = _setup(case, device, seed=17)
 
     def f(x, r, w, b, rm, rv):
-        return triton_bn.batch_norm(x, rm, rv, w, b, True, activation="leaky_relu", negative_slope=SLOPE,
-                                    residual=r, save=save)
+        return triton_bn.batch_norm(x * 1.0, rm, rv, w, b, True, activation="leaky_relu", negative_slope=SLOPE,
+                                    residual=r, save=save, inplace=inplace)
 
     results = []
     for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):

@@ -128,7 +128,9 @@ def _check_fused(input, activation, negative_slope, residual, save, inplace) -> 
         if residual.dtype != input.dtype:
             raise RuntimeError(f"batch_norm: residual must have the input's dtype ({input.dtype}), "
                                f"got {residual.dtype}")
-        if inplace and residual.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
+        if inplace and (residual is input or (not torch.compiler.is_compiling()  # dynamo: no storage pointers
+                                              and residual.untyped_storage().data_ptr()
+                                              == input.untyped_storage().data_ptr())):
             raise ValueError("batch_norm: inplace=True with a residual that shares the input's storage "
                              "(the backward needs the residual)")
     if inplace and input.requires_grad and input.is_leaf and torch.is_grad_enabled():
@@ -157,8 +159,8 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked,
                 residual=None, activation=0, negative_slope=0.01, save_output=False, inplace=False):
         fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
-        traced = _traced(input)
-        out = input if inplace and not traced else None
+        traced = _traced(input)  # traced calls never come here with inplace (see _batch_norm)
+        out = input if inplace else None
         if training:
             if traced:
                 y, mean, invstd = ops.forward_train(input, weight, bias, running_mean, running_var,
@@ -174,8 +176,6 @@ class BatchNormFunction(torch.autograd.Function):
             else:
                 y = bn_forward_eval(input, weight, bias, running_mean, running_var, eps, out=out, **fused)
             mean, invstd = input.new_empty((0,)), input.new_empty((0,))
-        if inplace and traced:
-            y = input.copy_(y)
         return y, mean, invstd
 
     @staticmethod
@@ -292,6 +292,8 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     args = (input, weight, bias, running_mean, running_var, training, momentum, eps, counter, residual, code,
             negative_slope, save_output, inplace)
     if _traced(input) or _functorch_active():
+        if inplace:  # traced: the out-of-place op, then a copy (save="output" keeps y, not x)
+            return input.copy_(BatchNormFunction.apply(*args[:-1], False)[0])
         return BatchNormFunction.apply(*args)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
         return _apply_positional(*args)[0]
