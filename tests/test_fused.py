@@ -395,7 +395,8 @@ for dtype, cl, act, res, from_output in ((torch.float32, True, 3, True, False), 
     x = x.to(memory_format=torch.channels_last) if cl else x
     r = torch.randn(4, 8, 6, 6, dtype=dtype) if res else None
     pd = torch.float64 if dtype == torch.float64 else torch.float32
-    w, b, rm, rv = torch.rand(8, dtype=pd) + 0.5, torch.randn(8, dtype=pd), torch.zeros(8, dtype=pd), torch.ones(8, dtype=pd)
+    w, b = torch.rand(8, dtype=pd) + 0.5, torch.randn(8, dtype=pd)
+    rm, rv = torch.zeros(8, dtype=pd), torch.ones(8, dtype=pd)
     y, mean, invstd = bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5, activation=act, residual=r, out=x.clone())
     bn_forward_eval(x, w, b, rm, rv, 1e-5, activation=act, residual=r)
     for training in (True, False):

@@ -17,5 +17,6 @@ use_tuning_from_env()
 
 __all__ = ["batch_norm", "backend", "BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "FrozenBatchNorm2d",
-           "fuse_model", "FuseSummary", "BatchNorm", "from_keras", "SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm",
+           "fuse_model", "FuseSummary",
+           "BatchNorm", "from_keras", "SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm",
            "use_tuning", "TuningFileError"]

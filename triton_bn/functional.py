@@ -15,8 +15,11 @@ scale used is |gamma| + eps (eps: batch norm's eps), exactly as the paper's code
 mode y = act((x - mean) * invstd * (|gamma| + eps) + beta [+ r]), which differs from torch's
 BN wherever gamma < 0 (the sign is dropped) and by eps * xhat everywhere (relative eps/|gamma|);
 dgamma is dL/d(|gamma| + eps) * sign(gamma) (0 at gamma = 0), through torch's abs.
-``inplace=True`` (with save="output") also writes y over x's storage. CUDA tensors run the Triton kernels; CPU tensors run them through Triton's
-interpreter when ``TRITON_INTERPRET=1`` and otherwise fall back to torch's own batch_norm.
+``inplace=True`` (with save="output") also writes y over x's storage.
+
+CUDA tensors run the Triton kernels; CPU tensors run them through Triton's interpreter when
+``TRITON_INTERPRET=1`` and otherwise fall back to torch's own batch_norm (the fused epilogue
+as torch ops).
 """
 from __future__ import annotations
 
