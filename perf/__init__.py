@@ -4,6 +4,7 @@
     python -m perf plot plots/<suite>-<gpu>.csv                      CSV -> PNGs (no GPU needed)
     python -m perf summary plots/<suite>-<gpu>.csv                   CSV -> text summary
     python -m perf host                                              host cost per call (no GPU needed)
+    python -m perf model                                             ResNet-50 training step per configuration
 
 Modules, one idea each: env (where we run, versions, labels), bytes_model (bytes and FLOPs per
 op), resnet50_layers (ResNet-50's BN layers and their shapes: the goal's weights), suites (named
@@ -11,7 +12,9 @@ sweeps of shapes), impls (the implementations side by side), check (float64 refe
 result is an error, never a number), timing (do_bench / copy ceiling), harness (cases -> rows),
 results (CSV schema), plot (CSV -> PNGs), summary (CSV -> text), host (host cost per call) over
 host_driver + libcuda_stub.c (Triton's CUDA driver with the launch stubbed). resnet50 is a
-ResNet-50 model for the tools above the library.
+ResNet-50 model for the tools above the library; model (``python -m perf model``) times its
+training step per configuration (eager, convert_model, fuse_model, torch.compile), and saved
+counts the bytes autograd holds for backward.
 """
 import os
 

@@ -5,6 +5,8 @@
     python -m perf summary CSV                print the summary of a CSV
     python -m perf host [options]             triton_bn's host cost per call against torch's, with
                                               the GPU launch stubbed (no GPU needed; host --help)
+    python -m perf model [options]            ResNet-50 training step: eager, convert_model,
+                                              fuse_model, torch.compile (CPU: pipeline check)
 
 run (the default) measures a suite into ``<out>/<suite>-<gpu>.csv``, then writes the summary
 (``...-summary.txt``, also printed) and the PNGs from that CSV. Without CUDA it runs the ``tiny``
@@ -142,6 +144,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["host"]:
         from .host import main as command_host  # a process of its own (perf/host.py says why)
         return command_host(argv[1:])
+    if argv[:1] == ["model"]:
+        from .model import main as command_model
+        return command_model(argv[1:])
     args = parse(argv)
     return {"run": command_run, "plot": command_plot, "summary": command_summary}[args.command](args)
 

@@ -3,8 +3,11 @@
 #   1. the whole test suite on the GPU        (python3 -m pytest -x -q, at most TEST_TIMEOUT s)
 #   2. the 'quick' perf suite -> CSV, summary, PNGs               (at most PERF_TIMEOUT s)
 #   3. a short tune of ResNet-50 batch 64 -> the first real tuning file   (at most TUNE_TIMEOUT s)
-# Under 8 minutes with the default timeouts: 170 + 180 + 90 s, plus 10 s of grace each for
-# `timeout -k` = 470 s at worst, and a few seconds of version queries and tar (the quick suite:
+#   4. a short whole-model run: python -m perf model, batch 64, bf16 channels-last, eager /
+#      convert_model / fuse_model, 5 timed steps                  (at most MODEL_TIMEOUT s)
+# Under 8 minutes with the default timeouts: 150 + 150 + 60 + 60 s, plus 10 s of grace each for
+# `timeout -k` = 460 s at worst (SKIP_MODEL=1 skips step 4), and a few seconds of version
+# queries and tar (the quick suite:
 # 9 cases, 3 of ResNet-50's shapes at batch 256 among them; test_perf.py keeps it at most 10).
 # Installs nothing (the device machine has no network); without matplotlib the perf run still
 # writes the CSV and summary, just no PNGs.
@@ -14,14 +17,16 @@
 #   versions.txt  GPU name, driver, torch, triton, matplotlib     pytest.log, perf.log
 #   <suite>-<gpu>.csv, <suite>-<gpu>-summary.txt                  results.tar.gz (CSV, summary, PNGs)
 #   tuning-resnet50-b64.json (the tune writes it after every shape: a timeout keeps what was done)
+#   results.tar.gz also holds model/ (perf model: CSV, PNG, log) and tune.log, tuning plots
 #   status.txt    exit codes of the three steps
 # The perf harness rewrites its CSV after every case, so a timeout still leaves the cases done.
 set -u
 OUT=${OUT:-$PWD/out/gpu_check}
 PY=${PYTHON:-python3}
-TEST_TIMEOUT=${TEST_TIMEOUT:-170}
-PERF_TIMEOUT=${PERF_TIMEOUT:-180}
-TUNE_TIMEOUT=${TUNE_TIMEOUT:-90}
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}
+PERF_TIMEOUT=${PERF_TIMEOUT:-150}
+TUNE_TIMEOUT=${TUNE_TIMEOUT:-60}
+MODEL_TIMEOUT=${MODEL_TIMEOUT:-60}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # triton_bn and perf from this checkout, uninstalled
 mkdir -p "$OUT/results"
@@ -53,8 +58,17 @@ tune_rc=${PIPESTATUS[0]}
   >> "$OUT/results/tune.log" 2>&1
 cp "$OUT/results/tuning-resnet50-b64.json" "$OUT/" 2>/dev/null
 
+# 4. A whole-model training step; its CSV, PNG and log travel in the tarball.
+model_rc=0
+if [ "${SKIP_MODEL:-0}" != 1 ]; then
+  mkdir -p "$OUT/results/model"
+  timeout -k 10 "$MODEL_TIMEOUT" "$PY" -m perf model --batches 64 --precisions bf16_cl --steps 5 \
+    --configs torch_eager,triton_convert,triton_fuse --out "$OUT/results/model" > "$OUT/results/model/model.log" 2>&1
+  model_rc=$?
+fi
+
 cp "$OUT"/results/*.csv "$OUT"/results/*-summary.txt "$OUT"/ 2>/dev/null
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
-echo "pytest rc=$test_rc (124: timed out); perf rc=$perf_rc (1: error rows, 124: timed out); tune rc=$tune_rc" \
-  | tee "$OUT/status.txt"
-[ "$test_rc" -eq 0 ] && [ "$perf_rc" -eq 0 ]
+echo "pytest rc=$test_rc (124: timed out); perf rc=$perf_rc (1: error rows, 124: timed out);" \
+  "tune rc=$tune_rc; model rc=$model_rc" | tee "$OUT/status.txt"
+[ "$test_rc" -eq 0 ] && [ "$perf_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]

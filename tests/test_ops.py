@@ -3,7 +3,6 @@ double backward. On the CPU, compile uses backend="aot_eager" (Inductor cannot c
 kernels for the CPU); the Inductor and CUDA-graph variants are CUDA-only tests.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -113,6 +112,8 @@ def _opcheck_cases(device):
                     torch.zeros(3, device=device), torch.ones(3, device=device))
     counter = torch.tensor(3, device=device)
     y, mean, invstd = torch.ops.triton_bn.forward_train(x, w, b, None, None, None, 0.1, 1e-5)
+    r = random_input((4, 3, 5, 6), torch.float32, device, "contiguous", seed=13)
+    y_elu = torch.ops.triton_bn.forward_train(x, w, b, None, None, None, 0.1, 1e-5, 5, 0.01, r)[0]
     return [
         (torch.ops.triton_bn.forward_train.default, (x, w, b, rm.clone(), rv.clone(), None, 0.1, 1e-5)),
         (torch.ops.triton_bn.forward_train.default, (x16, None, None, torch.zeros(5, device=device),
@@ -124,10 +125,19 @@ def _opcheck_cases(device):
                                                 [True, True, True], torch.float32)),
         (torch.ops.triton_bn.backward.default, (torch.randn_like(x), x, None, rm, rv, 1e-5, False,
                                                 [True, False, True], torch.float32)),
+        # The fused epilogue: act(BN(x) + residual); the residual in another layout.
+        (torch.ops.triton_bn.forward_train.default, (x, w, b, rm.clone(), rv.clone(), None, 0.1, 1e-5, 3, 0.01,
+                                                      r)),
+        (torch.ops.triton_bn.forward_eval.default, (x, w, b, rm + 0.5, rv * 2, 1e-5, 2, 0.2, r)),
+        (torch.ops.triton_bn.backward.default, (torch.randn_like(x), x, w, mean, invstd, 1e-5, True,
+                                                [True, True, True, True], torch.float32, b, 4, 0.01, r, False)),
+        # save="output": the saved tensor is y (elu, invertible), weight > 0.
+        (torch.ops.triton_bn.backward.default, (torch.randn_like(x), y_elu, w, mean, invstd, 1e-5, True,
+                                                [True, True, False, True], torch.float32, b, 5, 0.01, r, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck_every_registered_op(case, device):
     op, args = _opcheck_cases(device)[case]
     results = torch.library.opcheck(op, args)

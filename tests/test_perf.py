@@ -2,7 +2,6 @@
 the plots and the labelling. Without CUDA this is the CPU-interpreter pipeline (tiny shapes)."""
 import csv
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -103,7 +102,7 @@ def test_suites_cover_the_issue_sweeps():
             (d, l) for d in ("float32", "float16", "bfloat16") for l in ("nchw", "channels_last")}
     assert set(SUITES) >= {"tiny", "quick", "default", "full"}
     quick = suite_cases("quick")
-    assert len(quick) <= 10, "gpu_check.sh gives the quick suite 3 minutes"
+    assert len(quick) <= 10, "gpu_check.sh gives the quick suite 2.5 minutes"
     assert all(c.layers > 0 for c in quick if c.sweep == "resnet50")
     assert all(c.numel <= 1 << 14 for c in suite_cases("tiny")), "tiny must stay interpreter-sized"
 

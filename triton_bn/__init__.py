@@ -1,6 +1,8 @@
 """triton_bn: batch normalization in Triton, a drop-in for torch.nn.BatchNorm1d/2d/3d."""
 from .functional import BatchNormFunction, backend, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .fused_modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, FrozenBatchNorm2d
+from .fuse import FuseSummary, fuse_model
 from .axis_norm import BatchNorm, from_keras
 from .distributed import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 from . import interop  # noqa: F401  (torch's fuse_modules table learns triton_bn's layers)
@@ -14,5 +16,7 @@ from .tune import TuningFileError, use_tuning, use_tuning_from_env  # noqa: E402
 use_tuning_from_env()
 
 __all__ = ["batch_norm", "backend", "BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model",
+           "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "FrozenBatchNorm2d",
+           "fuse_model", "FuseSummary",
            "BatchNorm", "from_keras", "SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm",
            "use_tuning", "TuningFileError"]

@@ -11,18 +11,41 @@ Cost: one extra forward and backward of torch's unfused ops (about 10 elementwis
 reduction kernels, roughly 3-4x the fused kernels' time), paid only when a graph of the
 gradient is requested. Accumulation is in float32 for half inputs (float64 for double), as in
 the kernels.
+
+Fused calls (activation, residual) compose the same way: y = act(BN(x) + r) with torch's own
+activation ops (``torch_activation``), differentiated for x, weight, bias and r.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+
+
+def torch_activation(z: torch.Tensor, activation: int, negative_slope: float = 0.01) -> torch.Tensor:
+    """act(z) with torch ops, for an activation code of kernels/activation.py."""
+    if activation == 0:
+        return z
+    if activation == 1:
+        return F.relu(z)
+    if activation == 2:
+        return F.leaky_relu(z, negative_slope)
+    if activation == 3:
+        return F.silu(z)
+    if activation == 4:
+        return F.hardswish(z)
+    if activation == 5:
+        return F.elu(z)
+    raise ValueError(f"unknown activation code {activation}")
 
 
 def composite_grads(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], mean: torch.Tensor, stat: torch.Tensor, training: bool,
-                    eps: float, needs: Sequence[bool]):
-    """(dx, dweight, dbias) with autograd graphs attached, None where not needed.
+                    eps: float, needs: Sequence[bool], activation: int = 0, negative_slope: float = 0.01,
+                    residual: Optional[torch.Tensor] = None):
+    """(dx, dweight, dbias[, dresidual]) with autograd graphs attached, None where not needed
+    (dresidual when ``needs`` has a 4th entry).
 
     ``mean``/``stat`` are the running mean/variance in eval mode (constants); in training the
     statistics are recomputed from x so that their dependence on x is differentiated too.
@@ -41,7 +64,11 @@ def composite_grads(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional
             y = y * weight.to(acc).reshape(shape)
         if bias is not None:
             y = y + bias.to(acc).reshape(shape)
-        wanted = [t for t, need in zip((x, weight, bias), needs) if need and t is not None]
+        if residual is not None:
+            y = y + residual.to(acc)
+        y = torch_activation(y, activation, negative_slope)
+        inputs = (x, weight, bias, residual)[:len(needs)]
+        wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
         grads = iter(torch.autograd.grad(y, wanted, grad_output.to(acc), create_graph=True))
     return tuple(next(grads).to(t.dtype) if need and t is not None else None
-                 for t, need in zip((x, weight, bias), needs))
+                 for t, need in zip(inputs, needs))

@@ -55,6 +55,11 @@ class _TritonBatchNorm:
             input = _check_rank(input, self._RANKS)  # the root: traced through, flags captured
         else:
             self._check_input_dim(input)
+        return self._triton_forward(input)
+
+    def _triton_forward(self, input: torch.Tensor, **fused) -> torch.Tensor:
+        """The batch norm of a checked input; ``fused``: batch_norm's fused keyword arguments
+        (activation, negative_slope, residual, save, inplace; fused_modules.py)."""
         momentum = 0.0 if self.momentum is None else self.momentum
         # The step counter moves only once the arguments have passed their checks.
         counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -68,15 +73,16 @@ class _TritonBatchNorm:
             self.weight, self.bias, bn_training, momentum, self.eps,
             num_batches_tracked=self.num_batches_tracked if counting else None,
             cumulative_average=self.momentum is None,
+            **fused,
         )
 
-    def _fx_leaf(self, input: Proxy):
+    def _fx_leaf(self, input: Proxy, *extra):
         """Under ``torch.fx.symbolic_trace``: this layer's ``call_module`` node, as the default
         tracer emits for torch's own layers, or None when it is the root of the trace."""
         tracer = input.tracer
         path = tracer.path_of_module(self)
         if path:
-            return tracer.create_proxy("call_module", path, (input,), {})
+            return tracer.create_proxy("call_module", path, (input, *extra), {})
         if isinstance(self, nn.SyncBatchNorm):
             # Whether it synchronizes is decided when it runs; a traced-through graph would
             # freeze that decision (torch's SyncBatchNorm cannot be traced as the root either).

@@ -5,10 +5,20 @@ torch.compile, torch.export, CUDA graphs and FX see one opaque op per step, with
 mutations it makes declared in its schema:
 
     triton_bn::forward_train(x, weight?, bias?, running_mean(a!)?, running_var(b!)?,
-                             num_batches_tracked?, momentum, eps) -> (y, save_mean, save_invstd)
-    triton_bn::forward_eval(x, weight?, bias?, running_mean, running_var, eps) -> y
-    triton_bn::backward(dy, x, weight?, mean, stat, eps, training, output_mask, param_dtype)
-                             -> (dx, dweight, dbias)     (a [0] tensor where output_mask is False)
+                             num_batches_tracked?, momentum, eps,
+                             activation=0, negative_slope=0.01, residual?=None)
+                             -> (y, save_mean, save_invstd)
+    triton_bn::forward_eval(x, weight?, bias?, running_mean, running_var, eps,
+                            activation=0, negative_slope=0.01, residual?=None) -> y
+    triton_bn::backward(dy, x, weight?, mean, stat, eps, training, output_mask, param_dtype,
+                        bias?=None, activation=0, negative_slope=0.01, residual?=None,
+                        from_output=False)
+                             -> (dx, dweight, dbias, dresidual)   (a [0] tensor where not wanted)
+
+The fused epilogue (y = act(BN(x) + residual), activation codes of kernels/activation.py) is
+part of every schema, with defaults that give plain batch norm. ``output_mask`` has 3 or 4
+entries (the 4th: dresidual). ``from_output``: ``x`` is the forward's output (save="output").
+In-place (``inplace=True``) is not an op: traced calls run the out-of-place op and copy.
 
 Why ``custom_op`` and not ``triton_op`` + ``wrap_triton``: the launchers are Python that picks
 a view, splits and grid per shape and chooses between kernels; ``triton_op`` would let
@@ -42,37 +52,51 @@ def _stat_vector(x: Tensor) -> Tensor:
 @torch.library.custom_op("triton_bn::forward_train", mutates_args=("running_mean", "running_var"))
 def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  num_batches_tracked: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked)
+                  num_batches_tracked: Optional[Tensor], momentum: float, eps: float,
+                  activation: int = 0, negative_slope: float = 0.01,
+                  residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked,
+                            activation=activation, negative_slope=negative_slope, residual=residual)
 
 
 @forward_train.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, activation=0,
+      negative_slope=0.01, residual=None):
     return output_for(x), _stat_vector(x), _stat_vector(x)
 
 
 @torch.library.custom_op("triton_bn::forward_eval", mutates_args=())
 def forward_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-    return bn_forward_eval(x, weight, bias, running_mean, running_var, eps)
+                 running_mean: Tensor, running_var: Tensor, eps: float, activation: int = 0,
+                 negative_slope: float = 0.01, residual: Optional[Tensor] = None) -> Tensor:
+    return bn_forward_eval(x, weight, bias, running_mean, running_var, eps, activation=activation,
+                           negative_slope=negative_slope, residual=residual)
 
 
 @forward_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps):
+def _(x, weight, bias, running_mean, running_var, eps, activation=0, negative_slope=0.01, residual=None):
     return output_for(x)
 
 
 @torch.library.custom_op("triton_bn::backward", mutates_args=())
 def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, stat: Tensor, eps: float,
-             training: bool, output_mask: List[bool], param_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    grads = bn_backward(dy, x, weight, mean, stat, eps, training, tuple(output_mask), param_dtype=param_dtype)
+             training: bool, output_mask: List[bool], param_dtype: torch.dtype, bias: Optional[Tensor] = None,
+             activation: int = 0, negative_slope: float = 0.01, residual: Optional[Tensor] = None,
+             from_output: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    mask = tuple(output_mask) + (False,) * (4 - len(output_mask))
+    grads = bn_backward(dy, x, weight, mean, stat, eps, training, mask, param_dtype=param_dtype, bias=bias,
+                        activation=activation, negative_slope=negative_slope, residual=residual,
+                        from_output=from_output)
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @backward.register_fake
-def _(dy, x, weight, mean, stat, eps, training, output_mask, param_dtype):
-    need_dx, need_dw, need_db = output_mask
+def _(dy, x, weight, mean, stat, eps, training, output_mask, param_dtype, bias=None, activation=0,
+      negative_slope=0.01, residual=None, from_output=False):
+    need_dx, need_dw, need_db, need_dr = tuple(output_mask) + (False,) * (4 - len(output_mask))
     C = x.shape[1]
+    # dresidual is allocated like dx (the launcher's output_for of the saved tensor).
     return (output_for(x) if need_dx else x.new_empty((0,)),
             x.new_empty((C,), dtype=param_dtype) if need_dw and weight is not None else x.new_empty((0,)),
-            x.new_empty((C,), dtype=param_dtype) if need_db else x.new_empty((0,)))
+            x.new_empty((C,), dtype=param_dtype) if need_db else x.new_empty((0,)),
+            output_for(x) if need_dr else x.new_empty((0,)))

@@ -6,6 +6,10 @@ The three launchers below compose the per-stage launchers into whole batch-norm 
                        updates the running stats) -> normalize                           2 launches
     forward, eval:     normalize with the running statistics                          1 launch
     backward:          backward partial -> backward combine -> dx                     3 launches
+
+Each takes the fused epilogue as keyword arguments: ``activation`` (a code of activation.py),
+``negative_slope``, ``residual`` (y = act(BN(x) + residual)); the backward also ``bias`` (z
+needs beta), ``from_output`` (its ``x`` argument is y: save="output") and returns dresidual.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .activation import ACTIVATIONS, activation_code, invertible
 from .backward import bn_backward_dx, bn_backward_reduce
 from .normalize import bn_normalize
 from .combine import bn_stats_combine, bn_stats_combine_groups
@@ -23,6 +28,7 @@ __all__ = [
     "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view",
     "bn_stats", "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
     "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view", "output_for",
+    "ACTIVATIONS", "activation_code", "invertible",
 ]
 
 
@@ -41,16 +47,20 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                      momentum: float = 0.1, eps: float = 1e-5,
                      num_batches_tracked: Optional[torch.Tensor] = None,
-                     splits: Optional[int] = None):
+                     splits: Optional[int] = None, *, activation: int = 0, negative_slope: float = 0.01,
+                     residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
     """(y, save_mean, save_invstd) from batch statistics; running stats updated in place (any
-    strides: a non-contiguous buffer is updated through a contiguous copy, written back)."""
+    strides: a non-contiguous buffer is updated through a contiguous copy, written back).
+    y = act(BN(x) + residual) with the fused epilogue; ``out=x`` writes y over x (in-place)."""
     view = input_view(x)
     rm, rv = _contiguous(running_mean), _contiguous(running_var)
     mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits)
     for buffer, updated in ((running_mean, rm), (running_var, rv)):
         if updated is not buffer:
             buffer.copy_(updated.view_as(buffer))
-    return bn_normalize(view, mean, invstd, weight, bias), mean, invstd
+    y = bn_normalize(view, mean, invstd, weight, bias, out=out, activation=activation,
+                     negative_slope=negative_slope, residual=residual)
+    return y, mean, invstd
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -58,33 +68,51 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def bn_forward_eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    running_mean: torch.Tensor, running_var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """y from the running statistics."""
-    return bn_normalize(input_view(x), running_mean, running_var, weight, bias, eps, stat_is_var=True)
+                    running_mean: torch.Tensor, running_var: torch.Tensor, eps: float = 1e-5, *,
+                    activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = act(BN(x) + residual) from the running statistics (``out=x``: in place)."""
+    return bn_normalize(input_view(x), running_mean, running_var, weight, bias, eps, stat_is_var=True, out=out,
+                        activation=activation, negative_slope=negative_slope, residual=residual)
 
 
 def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                 mean: torch.Tensor, stat: torch.Tensor, eps: float = 0.0, training: bool = True,
                 needs_input_grad=(True, True, True), splits: Optional[int] = None,
-                param_dtype: Optional[torch.dtype] = None):
-    """(dx, dweight, dbias), each None where not needed.
+                param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
+                activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
+                from_output: bool = False):
+    """(dx, dweight, dbias), each None where not needed; (dx, dweight, dbias, dresidual) when
+    ``needs_input_grad`` has a 4th entry (the residual's).
 
     ``mean``/``stat`` are save_mean/save_invstd (training) or running_mean/running_var (eval).
     ``param_dtype``: the dtype of weight and bias, hence of their gradients (needed when there
     is a bias but no weight; default: the weight's, else the input's).
+    Fused epilogue: ``bias``, ``activation``, ``negative_slope``, ``residual`` as in the forward;
+    ``from_output``: ``x`` is the forward's output y (save="output"), whose weight must be > 0.
     """
     view = input_view(x)
     dy = mergeable(dy)
-    need_dx, need_dw, need_db = needs_input_grad
+    residual = None if residual is None else mergeable(residual)
+    need_dx, need_dw, need_db = needs_input_grad[:3]
+    need_dr = len(needs_input_grad) > 3 and bool(needs_input_grad[3])
+    fused = dict(bias=bias, activation=activation, negative_slope=negative_slope, residual=residual,
+                 from_output=from_output)
     need_dw = need_dw and weight is not None
     stat_is_var = not training
     sums = d_weight = d_bias = None
-    if need_dw or need_db or (need_dx and training):
+    if need_dw or need_db or ((need_dx or need_dr) and training):
         sums, d_weight, d_bias = bn_backward_reduce(view, dy, mean, stat, weight, eps, stat_is_var,
                                                     grad_weight=need_dw, grad_bias=need_db, splits=splits,
-                                                    param_dtype=param_dtype)
-    dx = None
-    if need_dx:
+                                                    param_dtype=param_dtype, **fused)
+    dx = d_residual = None
+    if need_dx or need_dr:
         inv_count = 1.0 / max(view.per_channel, 1)
-        dx = bn_backward_dx(view, dy, mean, stat, weight, sums, inv_count, eps, stat_is_var, training)
+        dx = bn_backward_dx(view, dy, mean, stat, weight, sums, inv_count, eps, stat_is_var, training,
+                            grad_residual=need_dr, **fused)
+        if need_dr:
+            dx, d_residual = dx
+        dx = dx if need_dx else None
+    if len(needs_input_grad) > 3:
+        return dx, d_weight, d_bias, d_residual
     return dx, d_weight, d_bias

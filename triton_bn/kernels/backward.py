@@ -10,6 +10,12 @@ With xhat = (x - mean) * invstd and a = gamma * invstd:
 Pass 1 writes per-split float partial sums (the same split of the domain as the forward
 statistics), pass 2 adds them in a fixed order — bitwise reproducible, no atomics — and
 writes dgamma, dbeta. dx keeps (x - mean) explicit for the same reason as the forward.
+
+Fused epilogue (ACTIVATION, HAS_RESIDUAL; forward y = act(z), z = BN(x) [+ r]): every formula
+above holds with dy replaced by dz = dy * act'(z), and dresidual = dz. Both kernels recompute
+z per tile from x (and r) and the per-channel mean, invstd, gamma, beta, in registers: z is
+never written. FROM_OUTPUT (In-Place ABN, save="output"): the kernels get y instead of x and
+reconstruct z = act^-1(y), x - mean = (z [- r] - beta) / (gamma * invstd) (activation.py).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import _recompute
 from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
@@ -31,15 +38,22 @@ from .view import NQKView, dense, empty_output, nqk_view
 @autotune_tiles()
 @triton.jit
 def _bn_backward_partial_kernel(
-    x_ptr, dy_ptr,  # [N, Q, K] views, strides {x,dy}_{n,q,k}_stride
+    x_ptr, dy_ptr,  # [N, Q, K] views, strides {x,dy}_{n,q,k}_stride (x_ptr holds y when FROM_OUTPUT)
+    r_ptr,  # [N, Q, K] residual (HAS_RESIDUAL), strides r_{n,q,k}_stride
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
-    partial_ptr,  # [2, P, C] out: sum dy, sum dy * (x - mean) per split (ACC_DTYPE)
+    weight_ptr, bias_ptr,  # [C] gamma, beta (HAS_WEIGHT, HAS_BIAS; read only when FUSED)
+    partial_ptr,  # [2, P, C] out: sum dz, sum dz * (x - mean) per split (ACC_DTYPE); dz = dy unfused
     N, Q, K, C,
     x_n_stride, x_q_stride, x_k_stride,
     dy_n_stride, dy_q_stride, dy_k_stride,
+    r_n_stride, r_q_stride, r_k_stride,
     rows_per_split, cols_per_split, splits_k,
     partial_field_stride,  # P * C
+    eps, slope_hi, slope_lo,  # negative_slope = hi + lo
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+    FUSED: tl.constexpr,  # ACTIVATION != 0 or FROM_OUTPUT: dz differs from dy, or x - mean needs y
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -51,6 +65,19 @@ def _bn_backward_partial_kernel(
         mean = tl.load(mean_ptr + channels, mask=channels < K, other=0.0).to(ACC_DTYPE)[None, :]
     else:
         mean = tl.load(mean_ptr + pid_c).to(ACC_DTYPE)
+    if FUSED:  # per-channel tiles: [1, BLOCK_K] channels-last, [1] (one channel) channels-first
+        if CHANNELS_LAST:
+            fused_channels = col_lo + tl.arange(0, BLOCK_K)
+        else:
+            fused_channels = pid_c + tl.zeros([1], tl.int32)
+        fused_mask = fused_channels < C
+        _, invstd = _load_channel_stats(mean_ptr, stat_ptr, fused_channels, fused_mask, eps, STAT_IS_VAR,
+                                        ACC_DTYPE)
+        gamma = _load_channel_param(weight_ptr, fused_channels, fused_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
+        beta = _load_channel_param(bias_ptr, fused_channels, fused_mask, 0.0, HAS_BIAS, ACC_DTYPE)
+        if CHANNELS_LAST:
+            invstd, gamma, beta = invstd[None, :], gamma[None, :], beta[None, :]
+        negative_slope = _wide_scalar(slope_hi, slope_lo, ACC_DTYPE)
     sum_dy = tl.zeros([BLOCK_K], ACC_DTYPE)
     sum_dy_xmu = tl.zeros([BLOCK_K], ACC_DTYPE)
     for col0 in range(col_lo, col_hi, BLOCK_K):
@@ -62,8 +89,20 @@ def _bn_backward_partial_kernel(
             dy_offsets = _tile_offsets(rows, cols, pid_c, Q, dy_n_stride, dy_q_stride, dy_k_stride, CHANNELS_LAST)
             x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
             dy = tl.load(dy_ptr + dy_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
-            sum_dy += tl.sum(dy, 0)
-            sum_dy_xmu += tl.sum(dy * (x - mean), 0)  # masked dy is 0, so masked lanes add 0
+            if FUSED:
+                r = x
+                if HAS_RESIDUAL:
+                    r_offsets = _tile_offsets(rows, cols, pid_c, Q, r_n_stride, r_q_stride, r_k_stride,
+                                              CHANNELS_LAST)
+                    r = tl.load(r_ptr + r_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
+                xmu, act_grad = _recompute(x, r, mean, invstd, gamma, beta, negative_slope,
+                                           ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT)
+                dz = dy * act_grad  # masked lanes: dy = 0 and a finite act_grad
+                sum_dy += tl.sum(dz, 0)
+                sum_dy_xmu += tl.sum(dz * xmu, 0)
+            else:
+                sum_dy += tl.sum(dy, 0)
+                sum_dy_xmu += tl.sum(dy * (x - mean), 0)  # masked dy is 0, so masked lanes add 0
     out = partial_ptr + pid_split * C
     if CHANNELS_LAST:
         channels = col_lo + tl.arange(0, BLOCK_K)
@@ -109,26 +148,51 @@ def _bn_backward_combine_kernel(
 @autotune_tiles("TRAINING", "STAT_IS_VAR")
 @triton.jit
 def _bn_backward_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr,  # [N, Q, K] views, strides {x,dy,dx}_{n,q,k}_stride
+    x_ptr, dy_ptr, dx_ptr,  # [N, Q, K] views, strides {x,dy,dx}_{n,q,k}_stride (x_ptr: y when FROM_OUTPUT)
+    r_ptr,  # [N, Q, K] residual (HAS_RESIDUAL), strides r_{n,q,k}_stride
+    dr_ptr,  # [N, Q, K] out: dresidual = dz (WRITE_DRESIDUAL), dx's strides
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
-    weight_ptr,  # [C] gamma (HAS_WEIGHT)
-    sums_ptr,  # [2, C] sum dy, sum dy * (x - mean) (TRAINING)
+    weight_ptr, bias_ptr,  # [C] gamma (HAS_WEIGHT), beta (HAS_BIAS; read only when FUSED)
+    sums_ptr,  # [2, C] sum dz, sum dz * (x - mean) (TRAINING)
     N, Q, K, C,
     x_n_stride, x_q_stride, x_k_stride,
     dy_n_stride, dy_q_stride, dy_k_stride,
     dx_n_stride, dx_q_stride, dx_k_stride,
+    r_n_stride, r_q_stride, r_k_stride,
     inv_count_hi, inv_count_lo, eps,  # 1 / M = hi + lo, M the elements per channel of the (global) batch
+    slope_hi, slope_lo,  # negative_slope = hi + lo
     TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+    WRITE_DRESIDUAL: tl.constexpr,
+    FUSED: tl.constexpr,  # ACTIVATION != 0 or FROM_OUTPUT
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
-    a = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
+    gamma = _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
+    a = invstd * gamma
 
     dy_offsets = _tile_offsets(rows, cols, 0, Q, dy_n_stride, dy_q_stride, dy_k_stride, True)
     dx_offsets = _tile_offsets(rows, cols, 0, Q, dx_n_stride, dx_q_stride, dx_k_stride, True)
     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    if FUSED:
+        beta = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)
+        x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
+        v = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        r = v
+        if HAS_RESIDUAL:
+            r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True)
+            r = tl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        fused_xmu, act_grad = _recompute(v, r, _along_channel_axis(mean, CHANNELS_LAST),
+                                         _along_channel_axis(invstd, CHANNELS_LAST),
+                                         _along_channel_axis(gamma, CHANNELS_LAST),
+                                         _along_channel_axis(beta, CHANNELS_LAST),
+                                         _wide_scalar(slope_hi, slope_lo, ACC_DTYPE),
+                                         ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT)
+        dy = dy * act_grad  # dz from here on
+    if WRITE_DRESIDUAL:
+        tl.store(dr_ptr + dx_offsets, dy.to(dr_ptr.dtype.element_ty), mask=mask)
     dx = dy * _along_channel_axis(a, CHANNELS_LAST)
     if TRAINING:
         sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
@@ -136,9 +200,12 @@ def _bn_backward_dx_kernel(
         inv_count = _wide_scalar(inv_count_hi, inv_count_lo, ACC_DTYPE)
         k_xmu = -a * invstd * invstd * sum_dy_xmu * inv_count
         k_0 = -a * sum_dy * inv_count
-        x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
-        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        xmu = x - _along_channel_axis(mean, CHANNELS_LAST)
+        if FUSED:
+            xmu = fused_xmu
+        else:
+            x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
+            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+            xmu = x - _along_channel_axis(mean, CHANNELS_LAST)
         dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST) + _along_channel_axis(k_0, CHANNELS_LAST)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -146,25 +213,40 @@ def _bn_backward_dx_kernel(
 def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                        weight: Optional[torch.Tensor] = None, eps: float = 0.0, stat_is_var: bool = False,
                        grad_weight: bool = True, grad_bias: bool = True, splits: Optional[int] = None,
-                       param_dtype: Optional[torch.dtype] = None):
-    """Per-channel (sums [2, C] = (sum dy, sum dy (x - mean)), dgamma or None, dbeta or None).
+                       param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
+                       activation: int = 0, negative_slope: float = 0.01,
+                       residual: Optional[torch.Tensor] = None, from_output: bool = False):
+    """Per-channel (sums [2, C] = (sum dz, sum dz (x - mean)), dgamma or None, dbeta or None),
+    dz = dy * act'(z) (dz = dy without an activation).
 
     dgamma and dbeta take ``param_dtype``, the dtype of the parameters (fp32 under AMP with
-    half input); default: the weight's, else the input's."""
+    half input); default: the weight's, else the input's. ``bias`` and ``residual`` enter z;
+    ``from_output``: the view's tensor is y (save="output"), x is reconstructed from it."""
     x = view.tensor
     C = view.C
     dy_view = nqk_view(dy, view.channels_last)
+    r_view = None if residual is None else nqk_view(residual, view.channels_last)
     split = stats_splits(view.N, view.Q, view.K, view.channels_last, x.device, splits)
     partial = torch.empty((2, split.num, C), dtype=acc_dtype(x.dtype), device=x.device)
+    fused = activation != 0 or from_output
+    if not fused:  # z's parameters are not read: pass no pointer (plain BN's launch unchanged)
+        weight_arg = bias_arg = residual = r_view = None
+    else:
+        weight_arg, bias_arg = weight, bias
 
     if view.channels_last:
         grid = lambda meta: (cdiv(C, meta["BLOCK_K"]), split.num)  # noqa: E731
     else:
         grid = (C, split.num)
-    _PARTIAL((view[1:], dy_view[1:], split.num, tensor_key(x, dy, mean, stat)), grid, (
-        x, dy, mean, stat, partial, view.N, view.Q, view.K, C, *view.strides, *dy_view.strides,
+    _PARTIAL((view[1:], dy_view[1:], split.num, tensor_key(x, dy, mean, stat, weight_arg, bias_arg, residual),
+              None if r_view is None else r_view[1:], activation, from_output, stat_is_var), grid, (
+        x, dy, residual, mean, stat, weight_arg, bias_arg, partial, view.N, view.Q, view.K, C,
+        *view.strides, *dy_view.strides, *(view.strides if r_view is None else r_view.strides),
         split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
-    ), dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype)))
+        float(eps), *split_float(negative_slope),
+    ), dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), STAT_IS_VAR=stat_is_var,
+            HAS_WEIGHT=weight_arg is not None, HAS_BIAS=bias_arg is not None, ACTIVATION=activation,
+            HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused))
     if param_dtype is None:
         param_dtype = weight.dtype if weight is not None else x.dtype
     sums = torch.empty((2, C), dtype=partial.dtype, device=x.device)
@@ -181,22 +263,36 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
 
 def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                    weight: Optional[torch.Tensor], sums: Optional[torch.Tensor], inv_count: float,
-                   eps: float = 0.0, stat_is_var: bool = False, training: bool = True) -> torch.Tensor:
-    """dx for the view's input; ``sums`` from bn_backward_reduce (ignored in eval mode)."""
+                   eps: float = 0.0, stat_is_var: bool = False, training: bool = True, *,
+                   bias: Optional[torch.Tensor] = None, activation: int = 0, negative_slope: float = 0.01,
+                   residual: Optional[torch.Tensor] = None, from_output: bool = False,
+                   grad_residual: bool = False):
+    """dx for the view's input; ``sums`` from bn_backward_reduce (ignored in eval mode).
+    With ``grad_residual`` returns (dx, dresidual), dresidual = dz = dy * act'(z) (dx's strides)."""
     x = view.tensor
     C = view.C
     dx = empty_output(view)
+    dr = empty_output(view) if grad_residual else None
     dy_view = nqk_view(dy, view.channels_last)
     dx_view = view._replace(tensor=dx) if dense(x) else nqk_view(dx, view.channels_last)
+    fused = activation != 0 or from_output
+    if not fused:  # dz = dy: neither beta nor the residual is read
+        bias = residual = None
+    r_view = None if residual is None else nqk_view(residual, view.channels_last)
     sums = sums if training else None
-    key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var, tensor_key(x, dy, dx, mean, stat, weight, sums))
+    key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var,
+           tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr),
+           None if r_view is None else r_view[1:], activation, from_output)
     _DX(key, elementwise_grid(view), (
-        x, dy, dx, mean, stat, weight, sums,
+        x, dy, dx, residual, dr, mean, stat, weight, bias, sums,
         view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
-        *split_float(inv_count), float(eps),
+        *(view.strides if r_view is None else r_view.strides),
+        *split_float(inv_count), float(eps), *split_float(negative_slope),
     ), dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
-            CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype)))
-    return dx
+            CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,
+            ACTIVATION=activation, HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output,
+            WRITE_DRESIDUAL=grad_residual, FUSED=fused))
+    return (dx, dr) if grad_residual else dx
 
 
 _PARTIAL = Launch(_bn_backward_partial_kernel)

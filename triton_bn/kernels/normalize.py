@@ -1,6 +1,7 @@
-"""Normalize-affine, the elementwise half of the forward:
+"""Normalize-affine, the elementwise half of the forward, with the fused epilogue:
 
-    y = (x - mean_c) * a_c + beta_c,     a_c = gamma_c * invstd_c
+    z = (x - mean_c) * a_c + beta_c [+ r],     a_c = gamma_c * invstd_c
+    y = act(z)                                 (ACTIVATION, HAS_RESIDUAL; see activation.py)
 
 a_c is folded once per channel per tile; each element costs one subtract and one FMA.
 (The fully folded y = x * a_c + b_c, b_c = beta_c - mean_c * a_c, is one FMA but rounds
@@ -16,27 +17,31 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import _activation
 from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
-                      _tile_offsets)
+                      _tile_offsets, _wide_scalar, split_float)
 from .stats import tl_dtype
 from .launch import Launch, tensor_key
 from .tuning import autotune_tiles, cdiv
-from .view import NQKView, dense, empty_output, nqk_view
+from .view import NQKView, dense, empty_output, mergeable, nqk_view
 
 
 @autotune_tiles("STAT_IS_VAR")
 @triton.jit
 def _bn_normalize_kernel(
     x_ptr,  # [N, Q, K] input, strides x_{n,q,k}_stride
-    y_ptr,  # [N, Q, K] output, strides y_{n,q,k}_stride
+    r_ptr,  # [N, Q, K] residual (HAS_RESIDUAL), strides r_{n,q,k}_stride
+    y_ptr,  # [N, Q, K] output, strides y_{n,q,k}_stride (may be x itself: in-place)
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
     weight_ptr, bias_ptr,  # [C] gamma, beta (HAS_WEIGHT, HAS_BIAS)
     N, Q, K,
     x_n_stride, x_q_stride, x_k_stride,
+    r_n_stride, r_q_stride, r_k_stride,
     y_n_stride, y_q_stride, y_k_stride,
-    eps,
+    eps, slope_hi, slope_lo,  # negative_slope = hi + lo (see split_float)
     STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
@@ -49,6 +54,10 @@ def _bn_normalize_kernel(
     x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     y = (x - _along_channel_axis(mean, CHANNELS_LAST)) * _along_channel_axis(scale, CHANNELS_LAST) \
         + _along_channel_axis(shift, CHANNELS_LAST)
+    if HAS_RESIDUAL:
+        r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True)
+        y += tl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    y = _activation(y, _wide_scalar(slope_hi, slope_lo, ACC_DTYPE), ACTIVATION)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,30 +72,47 @@ def _elementwise_grid(rows: int, K: int):
 
 @functools.lru_cache(maxsize=4096)
 def _normalize_constexprs(stat_is_var: bool, has_weight: bool, has_bias: bool, channels_last: bool,
-                          dtype: torch.dtype) -> dict:
+                          dtype: torch.dtype, activation: int = 0, has_residual: bool = False) -> dict:
     return dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-                CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype))
+                CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype), ACTIVATION=activation,
+                HAS_RESIDUAL=has_residual)
 
 
 _NORMALIZE = Launch(_bn_normalize_kernel)
+_IN_PLACE_TUNED: set = set()  # plan keys of in-place launches whose tile config is chosen
 
 
 def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  eps: float = 0.0, stat_is_var: bool = False,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = (x - mean) * invstd * weight + bias over the view's tensor, written into ``out``
-    (default: ``empty_output``, the input's memory format where the kernels can address it).
-    ``stat`` is invstd, or the running variance when ``stat_is_var`` (eval mode; then eps is used)."""
+                 out: Optional[torch.Tensor] = None, *, activation: int = 0, negative_slope: float = 0.01,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = act((x - mean) * invstd * weight + bias [+ residual]) over the view's tensor, written
+    into ``out`` (default: ``empty_output``, the input's memory format where the kernels can
+    address it; ``out`` may be x itself: each element is read before it is written).
+    ``stat`` is invstd, or the running variance when ``stat_is_var`` (eval mode; then eps is used).
+    ``activation``: a code of activation.py; ``residual``: x's shape, any strides."""
     x = view.tensor
     y = empty_output(view) if out is None else out
     same_strides = out is None and dense(x)  # then y's view is x's
     y_view = view._replace(tensor=y) if same_strides else nqk_view(y, view.channels_last)
+    residual = None if residual is None else mergeable(residual)
+    r_view = None if residual is None else nqk_view(residual, view.channels_last)
     # y is fresh (aligned) unless given; its geometry is part of the key either way.
-    key = (view[1:], y_view[1:], stat_is_var, tensor_key(x, mean, stat, weight, bias),
-           True if out is None else out.data_ptr() & 15 == 0)
+    key = (view[1:], y_view[1:], stat_is_var, tensor_key(x, mean, stat, weight, bias, residual),
+           True if out is None else out.data_ptr() & 15 == 0, activation,
+           None if r_view is None else r_view[1:])
+    if out is not None and out.data_ptr() == x.data_ptr() and key not in _IN_PLACE_TUNED:
+        # In place, a key the autotuner has not seen would be benchmarked by launching every
+        # candidate config several times, each normalizing the previous one's output. Tune it
+        # on a scratch output first (the autotuner's key, N, Q, K, layout and dtypes, is the same).
+        bn_normalize(view, mean, stat, weight, bias, eps, stat_is_var, torch.empty_like(out), activation=activation,
+                     negative_slope=negative_slope, residual=residual)
+        _IN_PLACE_TUNED.add(key)
     _NORMALIZE(key, _elementwise_grid(view.N * view.Q, view.K), (
-        x, y, mean, stat, weight, bias,
-        view.N, view.Q, view.K, *view.strides, *y_view.strides, float(eps),
-    ), _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last, x.dtype))
+        x, residual, y, mean, stat, weight, bias,
+        view.N, view.Q, view.K, *view.strides, *(view.strides if r_view is None else r_view.strides),
+        *y_view.strides, float(eps), *split_float(negative_slope),
+    ), _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last, x.dtype,
+                             activation, residual is not None))
     return y

@@ -1,0 +1,219 @@
+"""``fuse_model``: BatchNorm -> activation and BatchNorm -> add -> ReLU become fused layers.
+
+Where the model traces with ``torch.fx.symbolic_trace`` (torch's BatchNorm and activation
+modules are leaves), the graph is rewritten:
+
+    y = act(bn(x))                   ->  y = fused(x)              fused = BatchNormAct*d(act)
+    y = relu(bn(x) + identity)       ->  y = fused(x, identity)    (either operand order; +=)
+
+``act`` is a module (``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.Hardswish``,
+``nn.ELU(alpha=1)``, in-place or not, shared by several call sites or not: each call site is
+its own node) or the functions ``F.relu``/``torch.relu``/``F.silu``/... A BatchNorm is fused
+only when its output feeds nothing else, and only if the module is called once. Every other
+BatchNorm becomes triton_bn's (as ``convert_model``). The result is a ``GraphModule`` whose
+layers share the original's parameters and buffers (an optimizer built on either updates
+both); the original model is left as it was.
+
+Where tracing fails (data-dependent control flow), the model is converted in place: in every
+``nn.Sequential`` an adjacent (BatchNorm, activation) pair becomes (fused, ``nn.Identity``),
+and the remaining BatchNorms are converted as ``convert_model`` does.
+
+``save="output"`` (In-Place ABN, functional.py) applies to the fused layers whose activation
+is invertible (leaky_relu with a positive slope, elu; plain BatchNorm too); the others keep
+save="input", and the summary says which.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .fused_modules import activation_of, fused_from
+from .kernels.activation import activation_code, invertible
+from .modules import _converted, convert_model
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
+                  F.silu: "silu", F.hardswish: "hardswish", F.leaky_relu: "leaky_relu", F.elu: "elu"}
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclass
+class FuseSummary:
+    """What ``fuse_model`` did: (BatchNorm name, activation) pairs per kind, and what it left."""
+    method: str = "fx"
+    fused_activation: List[Tuple[str, str]] = field(default_factory=list)
+    fused_residual: List[Tuple[str, str]] = field(default_factory=list)
+    plain: List[str] = field(default_factory=list)
+    save_output: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict:
+        return {"bn+act": len(self.fused_activation), "bn+add+act": len(self.fused_residual),
+                "plain": len(self.plain)}
+
+    def __str__(self) -> str:
+        total = sum(self.counts.values())
+        lines = [f"fuse_model ({self.method}): {total} BatchNorm layers: {len(self.fused_activation)} BN+activation, "
+                 f"{len(self.fused_residual)} BN+add+activation, {len(self.plain)} left plain (converted)"]
+        if self.save_output:
+            lines.append(f"  save='output' on {len(self.save_output)} layers")
+        for name, act in self.fused_activation:
+            lines.append(f"  {name}: BN -> {act}")
+        for name, act in self.fused_residual:
+            lines.append(f"  {name}: BN -> add -> {act}")
+        for name in self.plain:
+            lines.append(f"  {name}: plain")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def fuse_model(model: nn.Module, *, save: str = "input", inplace: bool = False, verbose: bool = False,
+               return_summary: bool = False):
+    """``model`` with its BatchNorm -> activation (-> with a residual add) patterns fused.
+
+    ``save``/``inplace``: the fused layers' memory mode (see the module docstring);
+    ``verbose`` prints the summary; ``return_summary`` returns ``(model, FuseSummary)``.
+    """
+    if save not in ("input", "output"):
+        raise ValueError(f"fuse_model: save must be 'input' or 'output', got {save!r}")
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: take the fallback
+        result, summary = _fuse_sequentials(model, save, inplace)
+        summary.notes.append(f"torch.fx could not trace the model ({type(error).__name__}: {error}); "
+                             f"fused adjacent nn.Sequential pairs only")
+    else:
+        result, summary = _fuse_graph(traced, save, inplace)
+    if verbose:
+        print(summary)
+    return (result, summary) if return_summary else result
+
+
+def _activation_of_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[Tuple[str, float]]:
+    """(name, negative_slope) when ``node`` applies a fusable activation to its first argument."""
+    if node.op == "call_module":
+        return activation_of(gm.get_submodule(node.target))
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        name = _ACT_FUNCTIONS[node.target]
+        slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+        if name == "elu" and (node.kwargs.get("alpha", node.args[1] if len(node.args) > 1 else 1.0) != 1.0):
+            return None
+        return name, float(slope) if name == "leaky_relu" else 0.01
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu", 0.01
+    return None
+
+
+def _mode(name: str, slope: float, save: str) -> str:
+    return save if save == "input" or invertible(activation_code(name), slope) else "input"
+
+
+def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def _fuse_graph(gm: torch.fx.GraphModule, save: str, inplace: bool):
+    summary = FuseSummary("fx")
+    graph = gm.graph
+    calls: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BN_TYPES):
+            continue
+        if hasattr(gm.get_submodule(node.target), "act_layer"):  # fused already
+            continue
+        bn = gm.get_submodule(node.target)
+        users = list(node.users)
+        fusable = calls[node.target] == 1 and len(users) == 1 and len(node.args) == 1 and not node.kwargs
+        user = users[0] if fusable else None
+        act = _activation_of_node(gm, user) if user is not None and user.args[0] is node else None
+        if act is not None:  # BN -> activation
+            mode = _mode(*act, save)
+            _set_submodule(gm, node.target, fused_from(bn, act[0], act[1], mode, inplace and mode == "output"))
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+            summary.fused_activation.append((node.target, act[0]))
+            if mode == "output":
+                summary.save_output.append(node.target)
+            continue
+        residual = _residual_pattern(gm, node, user)
+        if residual is not None:  # BN -> add -> activation
+            add, act_node, other, act = residual
+            mode = _mode(*act, save)
+            _set_submodule(gm, node.target, fused_from(bn, act[0], act[1], mode, inplace and mode == "output"))
+            with graph.inserting_before(add):  # after the residual's producer, wherever it was
+                fused = graph.call_module(node.target, (node.args[0], other))
+            act_node.replace_all_uses_with(fused)
+            graph.erase_node(act_node)
+            graph.erase_node(add)
+            graph.erase_node(node)
+            summary.fused_residual.append((node.target, act[0]))
+            if mode == "output":
+                summary.save_output.append(node.target)
+            continue
+        mode_plain = save == "output" and fusable
+        if mode_plain:  # a lone BatchNorm is invertible: In-Place ABN applies to it too
+            _set_submodule(gm, node.target, fused_from(bn, None, 0.01, "output", inplace))
+            summary.save_output.append(node.target)
+        else:
+            _set_submodule(gm, node.target, _converted(bn))
+        summary.plain.append(node.target)
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, summary
+
+
+def _residual_pattern(gm, node, user):
+    """(add node, activation node, the other operand, (name, slope)) for bn -> add -> act."""
+    if user is None or user.op != "call_function" or user.target not in _ADDS or user.kwargs:
+        return None
+    if len(user.args) != 2 or len(user.users) != 1:
+        return None
+    a, b = user.args
+    other = b if a is node else a if b is node else None
+    if other is None or other is node or not isinstance(other, torch.fx.Node):
+        return None
+    act_node = next(iter(user.users))
+    act = _activation_of_node(gm, act_node)
+    if act is None or act_node.args[0] is not user:
+        return None
+    return user, act_node, other, act
+
+
+def _fuse_sequentials(model: nn.Module, save: str, inplace: bool):
+    summary = FuseSummary("nn.Sequential pairs")
+    fused_names = set()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module._modules.items())
+        for (bn_key, bn), (act_key, act_module) in zip(children, children[1:]):
+            act = activation_of(act_module) if isinstance(bn, _BN_TYPES) else None
+            if act is None or act[0] is None:
+                continue
+            mode = _mode(*act, save)
+            module._modules[bn_key] = fused_from(bn, act[0], act[1], mode, inplace and mode == "output")
+            module._modules[act_key] = nn.Identity()
+            full = f"{name}.{bn_key}" if name else bn_key
+            fused_names.add(full)
+            summary.fused_activation.append((full, act[0]))
+            if mode == "output":
+                summary.save_output.append(full)
+    for name, module in model.named_modules():
+        if isinstance(module, _BN_TYPES) and name not in fused_names and not hasattr(module, "act_layer"):
+            summary.plain.append(name)
+    return convert_model(model), summary
+
+
+__all__ = ["fuse_model", "FuseSummary"]
