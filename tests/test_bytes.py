@@ -97,3 +97,33 @@ def test_backward_training_reads_x_and_dy_twice(shape, layout, accesses, device)
     _close(accesses.count(x, "load"), 2.0, "x loads")
     _close(accesses.count(dy, "load"), 2.0, "dy loads")
     _close(accesses.count(dx, "store"), 1.0, "dx stores")
+
+
+@pytest.mark.parametrize("shape,layout", LAYOUTS[:2])
+def test_fused_residual_is_read_once_forward_and_twice_backward(shape, layout, accesses, device):
+    """act(BN(x) + r): r once in the forward; the backward recomputes z in both of its passes
+    (r twice), writes dx and dr once each, and never writes the pre-activation."""
+    from triton_bn.kernels.activation import activation_code
+    relu = activation_code("relu")
+    x = random_input(shape, torch.float32, device, layout, seed=34)
+    r = random_input(shape, torch.float32, device, "contiguous", seed=35)
+    dy = random_input(shape, torch.float32, device, layout, seed=36)
+    w, b = torch.rand(shape[1], device=device) + 0.5, torch.randn(shape[1], device=device)
+    for _ in range(2):  # the first call of each launch tunes
+        accesses.loads.clear(), accesses.stores.clear()
+        y, mean, invstd = bn_forward_train(x, w, b, None, None, activation=relu, residual=r)
+    _close(accesses.count(x, "load"), 2.0, "x loads")
+    _close(accesses.count(r, "load"), 1.0, "residual loads")
+    _close(accesses.count(y, "store"), 1.0, "y stores")
+    for _ in range(2):
+        accesses.loads.clear(), accesses.stores.clear()
+        dx, _, _, dr = bn_backward(dy, x, w, mean, invstd, needs_input_grad=(True, True, True, True), bias=b,
+                                   activation=relu, residual=r)
+    _close(accesses.count(x, "load"), 2.0, "x loads")
+    _close(accesses.count(dy, "load"), 2.0, "dy loads")
+    _close(accesses.count(r, "load"), 2.0, "residual loads")
+    _close(accesses.count(dx, "store"), 1.0, "dx stores")
+    _close(accesses.count(dr, "store"), 1.0, "dresidual stores")
+    stored = sum(len(a) for a in accesses.stores)
+    big = dx.numel() + dr.numel()
+    assert stored <= big * (1 + PIVOT_ALLOWANCE), f"{stored} elements stored: more than dx and dr"
