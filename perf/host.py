@@ -33,7 +33,6 @@ Output: a table (us per call, ratio, launches per call) and ``<out>/host-cost-<c
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import os
@@ -45,6 +44,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+from .results import write_commented_csv
 
 OPS = ("forward-train", "forward-eval", "backward", "fwd+bwd")
 APIS = ("module", "functional", "launchers")
@@ -243,15 +244,7 @@ def _table_line(row: dict) -> str:
 
 
 def write_csv(path: Path, meta: dict, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        for key, value in meta.items():
-            f.write(f"# {key}: {value}\n")
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
-    return path
+    return write_commented_csv(path, meta, COLUMNS, rows, ".4g")
 
 
 def worker(argv) -> int:

@@ -36,6 +36,7 @@ from torch import nn
 
 from . import env
 from .resnet50 import ResNet
+from .results import write_commented_csv
 from .saved import model_tensors, saved_activation_bytes
 
 CONFIGS = ("torch_eager", "triton_convert", "triton_fuse", "torch_compile")
@@ -192,16 +193,7 @@ def _format_row(row: dict) -> str:
 
 
 def write_csv(path: Path, meta: dict, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        for key, value in meta.items():
-            f.write(f"# {key}: {value}\n")
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row.get(c), float) else row.get(c, ""))
-                             for c in COLUMNS})
-    return path
+    return write_commented_csv(path, meta, COLUMNS, rows, ".6g")
 
 
 def read_csv(path: Path):

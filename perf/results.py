@@ -62,6 +62,22 @@ def write_csv(path: Path, meta: dict, rows: list) -> Path:
     return path
 
 
+def write_commented_csv(path: Path, meta: dict, columns, rows: list, float_format: str) -> Path:
+    """A CSV whose ``# key: value`` header lines hold ``meta`` (the other perf tools' files:
+    host cost, whole-model runs); floats formatted with ``float_format`` (e.g. ".4g")."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        for key, value in meta.items():
+            f.write(f"# {key}: {value}\n")
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: (format(row[c], float_format) if isinstance(row.get(c), float) else row.get(c, ""))
+                             for c in columns})
+    return path
+
+
 def _parse(column: str, text: str):
     if column in INT_COLUMNS:
         return int(text) if text else None
