@@ -79,7 +79,7 @@ def test_sample_covers_every_shipped_config_and_input():
         mine = [j for j in jobs if (j.name, j.variant) == (name, variant)]
         assert {_config_key(j.config, j.num_warps) for j in mine} == SHIPPED, (name, variant)
         assert {(j.dtype, j.layout) for j in mine} == set(PAIRS), (name, variant)
-    assert {j.name for j in jobs if not j.autotuned} == {"stats_combine", "backward_combine"}
+    assert {j.name for j in jobs if not j.autotuned} == {"stats_combine"}  # SyncBatchNorm's combine
 
 
 @needs_tools

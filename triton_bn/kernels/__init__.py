@@ -5,7 +5,7 @@ The three launchers below compose the per-stage launchers into whole batch-norm 
     forward, training: statistics (partials; the last program per channel combines and
                        updates the running stats) -> normalize                           2 launches
     forward, eval:     normalize with the running statistics                          1 launch
-    backward:          backward partial -> backward combine -> dx                     3 launches
+    backward:          reduction (the last program per channel adds the splits) -> dx   2 launches
 
 Each takes the fused epilogue as keyword arguments: ``activation`` (a code of activation.py),
 ``negative_slope``, ``residual`` (y = act(BN(x) + residual)); the backward also ``bias`` (z

@@ -1,4 +1,4 @@
-"""Backward: per-channel reductions in two passes, then a fused elementwise dx.
+"""Backward: a per-channel reduction (one launch; its last programs combine), then an elementwise dx.
 
 With xhat = (x - mean) * invstd and a = gamma * invstd:
 
@@ -7,9 +7,9 @@ With xhat = (x - mean) * invstd and a = gamma * invstd:
             = a * dy - a * invstd^2 * (sum dy (x - mean)) / M * (x - mean) - a * (sum dy) / M
     eval:     dx = a * dy   (mean and invstd are the running statistics, constants)
 
-Pass 1 writes per-split float partial sums (the same split of the domain as the forward
-statistics), pass 2 adds them in a fixed order — bitwise reproducible, no atomics — and
-writes dgamma, dbeta. dx keeps (x - mean) explicit for the same reason as the forward.
+The reduction writes per-split float partial sums (the same split of the domain as the forward
+statistics); the last program per channel, found by an atomic ticket, adds them in split
+order — bitwise reproducible — and writes dgamma, dbeta. Then the elementwise dx. dx keeps (x - mean) explicit for the same reason as the forward.
 
 Fused epilogue (ACTIVATION, HAS_RESIDUAL; forward y = act(z), z = BN(x) [+ r]): every formula
 above holds with dy replaced by dz = dy * act'(z), and dresidual = dz. Both kernels recompute
@@ -30,7 +30,7 @@ from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_para
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
 from .launch import Launch, tensor_key
-from .stats import _next_power_of_2, acc_dtype, tl_dtype
+from .stats import _tickets, acc_dtype, tl_dtype
 from .tuning import autotune_tiles, cdiv, stats_splits
 from .view import NQKView, dense, empty_output, nqk_view
 
@@ -50,10 +50,14 @@ def _bn_backward_partial_kernel(
     rows_per_split, cols_per_split, splits_k,
     partial_field_stride,  # P * C
     eps, slope_hi, slope_lo,  # negative_slope = hi + lo
+    tickets_ptr,  # [programs along axis 0] int32, zero between calls
+    sums_ptr,  # [2, C] out: sum dz, sum dz * (x - mean), merged by the last program per channel
+    grad_weight_ptr, grad_bias_ptr,  # [C] out (HAS_GRAD_WEIGHT, HAS_GRAD_BIAS), parameter dtype
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr,
     FUSED: tl.constexpr,  # ACTIVATION != 0 or FROM_OUTPUT: dz differs from dy, or x - mean needs y
+    HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -111,24 +115,33 @@ def _bn_backward_partial_kernel(
     else:
         tl.store(out + pid_c, tl.sum(sum_dy, 0))
         tl.store(out + partial_field_stride + pid_c, tl.sum(sum_dy_xmu, 0))
+    # The last program of a channel (block) to finish adds every split's sums in split order
+    # (as stats.py's statistics kernel does; the ticket is acq_rel at GPU scope) and resets
+    # the ticket. Only outputs are written: rerunning it (an autotuner) changes nothing.
+    P = tl.num_programs(1)
+    ticket = tl.atomic_add(tickets_ptr + pid_c, 1)
+    if ticket == P - 1:
+        if CHANNELS_LAST:
+            channels = col_lo + tl.arange(0, BLOCK_K)
+            block_p: tl.constexpr = BLOCK_R
+        else:
+            channels = pid_c + tl.arange(0, 1)
+            block_p: tl.constexpr = BLOCK_R * BLOCK_K
+        _combine_sums(partial_ptr, P, C, channels, channels < C, mean_ptr, stat_ptr, sums_ptr, grad_weight_ptr,
+                      grad_bias_ptr, eps, STAT_IS_VAR, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS, block_p)
+        tl.atomic_xchg(tickets_ptr + pid_c, 0)
 
 
 @triton.jit
-def _bn_backward_combine_kernel(
-    partial_ptr,  # [2, P, C] per-split sums
-    P, C,
-    mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
-    sums_ptr,  # [2, C] out: sum dy, sum dy * (x - mean)
-    grad_weight_ptr, grad_bias_ptr,  # [C] out (HAS_GRAD_WEIGHT, HAS_GRAD_BIAS), parameter dtype
-    eps,
-    STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
+def _combine_sums(partial_ptr, P, C, channels, channel_mask, mean_ptr, stat_ptr, sums_ptr,
+                  grad_weight_ptr, grad_bias_ptr, eps,
+                  STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
+    """Add the P splits' partial sums ([2, P, C]) of ``channels`` in split order; write the sums
+    ([2, C]), dgamma = invstd * sum dz (x - mean) and dbeta = sum dz in the parameters' dtype."""
     acc_dtype = partial_ptr.dtype.element_ty
-    sum_dy = tl.zeros([BLOCK_C], acc_dtype)
-    sum_dy_xmu = tl.zeros([BLOCK_C], acc_dtype)
+    sum_dy = tl.zeros(channels.shape, acc_dtype)
+    sum_dy_xmu = tl.zeros(channels.shape, acc_dtype)
     for p0 in range(0, P, BLOCK_P):
         splits = p0 + tl.arange(0, BLOCK_P)
         mask = (splits < P)[:, None] & channel_mask[None, :]
@@ -234,30 +247,27 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
     else:
         weight_arg, bias_arg = weight, bias
 
+    if param_dtype is None:
+        param_dtype = weight.dtype if weight is not None else x.dtype
+    sums = torch.empty((2, C), dtype=partial.dtype, device=x.device)
+    # Unused outputs are None, never another buffer (see combine._combine).
+    d_weight = torch.empty(C, dtype=param_dtype, device=x.device) if grad_weight else None
+    d_bias = torch.empty(C, dtype=param_dtype, device=x.device) if grad_bias else None
     if view.channels_last:
         grid = lambda meta: (cdiv(C, meta["BLOCK_K"]), split.num)  # noqa: E731
     else:
         grid = (C, split.num)
     _PARTIAL((view[1:], dy_view[1:], split.num, tensor_key(x, dy, mean, stat, weight_arg, bias_arg, residual),
-              None if r_view is None else r_view[1:], activation, from_output, stat_is_var), grid, (
+              None if r_view is None else r_view[1:], activation, from_output, stat_is_var, param_dtype,
+              grad_weight, grad_bias), grid, (
         x, dy, residual, mean, stat, weight_arg, bias_arg, partial, view.N, view.Q, view.K, C,
         *view.strides, *dy_view.strides, *(view.strides if r_view is None else r_view.strides),
         split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
-        float(eps), *split_float(negative_slope),
+        float(eps), *split_float(negative_slope), _tickets(x.device, C), sums, d_weight, d_bias,
     ), dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), STAT_IS_VAR=stat_is_var,
             HAS_WEIGHT=weight_arg is not None, HAS_BIAS=bias_arg is not None, ACTIVATION=activation,
-            HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused))
-    if param_dtype is None:
-        param_dtype = weight.dtype if weight is not None else x.dtype
-    sums = torch.empty((2, C), dtype=partial.dtype, device=x.device)
-    d_weight = torch.empty(C, dtype=param_dtype, device=x.device) if grad_weight else None
-    d_bias = torch.empty(C, dtype=param_dtype, device=x.device) if grad_bias else None
-    BLOCK_C = min(128, _next_power_of_2(C))
-    # Unused outputs are None, never another buffer (see combine._combine).
-    _COMBINE((split.num, C, stat_is_var, tensor_key(partial, mean, stat, d_weight, d_bias)), (cdiv(C, BLOCK_C),), (
-        partial, split.num, C, mean, stat, sums, d_weight, d_bias, float(eps),
-    ), dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias,
-            BLOCK_P=32, BLOCK_C=BLOCK_C))
+            HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused,
+            HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias))
     return sums, d_weight, d_bias
 
 
@@ -296,5 +306,4 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
 
 
 _PARTIAL = Launch(_bn_backward_partial_kernel)
-_COMBINE = Launch(_bn_backward_combine_kernel)
 _DX = Launch(_bn_backward_dx_kernel)
