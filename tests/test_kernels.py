@@ -259,3 +259,38 @@ def test_training_and_eval_normalize_tune_separately(device):
     bn_forward_train(x, None, None, rm, rv)
     bn_forward_eval(x, None, None, rm, rv)
     assert len(kernel.cache) == 2, list(kernel.cache)
+
+
+def test_addressing_flags_follow_the_geometry():
+    from triton_bn.kernels.view import _addressing
+    contiguous = (8, 64, 3136, 64 * 3136, 3136, 1, False)
+    sliced = (8, 64, 3136, 2 * 64 * 3136, 3136, 1, False)  # every other sample: rows not evenly spaced
+    huge = (4096, 512, 1024, 512 * 1024, 1024, 1, False)  # 2^31 elements
+    assert _addressing((contiguous,)) == {"DENSE_ROWS": True, "INDEX_64": False}
+    assert _addressing((contiguous, sliced)) == {"DENSE_ROWS": False, "INDEX_64": False}
+    assert _addressing((huge,))["INDEX_64"]
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 5, 7, 9), "channels_last"), ((3, 7, 6, 10), "strided"), ((50, 37), "contiguous")])
+def test_int64_addressing_gives_the_same_results(shape, layout, device, monkeypatch):
+    """Tensors of 2^31 elements take 64-bit offsets; force that path on small ones."""
+    from triton_bn.kernels import view as view_module
+    monkeypatch.setattr(view_module, "_INT32_SPAN", 0)
+    view_module._addressing.cache_clear()
+    stats_kernels._partial_spec.cache_clear()
+    try:
+        x = random_input(shape, torch.float32, device, layout, seed=24, mean=1.0)
+        dy = random_input(shape, torch.float32, device, layout, seed=25)
+        assert view_module.addressing(input_view(x))["INDEX_64"]
+        y, mean, invstd = bn_forward_train(x, None, None, None, None)
+        dx, _, _ = bn_backward(dy, x, None, mean, invstd)
+        monkeypatch.undo()
+        view_module._addressing.cache_clear()
+        stats_kernels._partial_spec.cache_clear()
+        y32, mean32, invstd32 = bn_forward_train(x, None, None, None, None)
+        dx32, _, _ = bn_backward(dy, x, None, mean32, invstd32)
+        for a, b, name in ((y, y32, "y"), (mean, mean32, "mean"), (dx, dx32, "dx")):
+            assert torch.equal(a, b), name
+    finally:
+        view_module._addressing.cache_clear()
+        stats_kernels._partial_spec.cache_clear()

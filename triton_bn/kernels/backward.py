@@ -9,7 +9,8 @@ With xhat = (x - mean) * invstd and a = gamma * invstd:
 
 The reduction writes per-split float partial sums (the same split of the domain as the forward
 statistics); the last program per channel, found by an atomic ticket, adds them in split
-order — bitwise reproducible — and writes dgamma, dbeta. Then the elementwise dx. dx keeps (x - mean) explicit for the same reason as the forward.
+order — bitwise reproducible — and writes dgamma, dbeta. Then the elementwise dx, which keeps
+(x - mean) explicit for the same reason as the forward.
 
 Fused epilogue (ACTIVATION, HAS_RESIDUAL; forward y = act(z), z = BN(x) [+ r]): every formula
 above holds with dy replaced by dz = dy * act'(z), and dresidual = dz. Both kernels recompute
@@ -32,7 +33,7 @@ from .normalize import elementwise_grid
 from .launch import Launch, tensor_key
 from .stats import _tickets, acc_dtype, tl_dtype
 from .tuning import autotune_tiles, cdiv, stats_splits
-from .view import NQKView, dense, empty_output, nqk_view
+from .view import NQKView, addressing, dense, empty_output, nqk_view
 
 
 @autotune_tiles()
@@ -58,6 +59,7 @@ def _bn_backward_partial_kernel(
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr,
     FUSED: tl.constexpr,  # ACTIVATION != 0 or FROM_OUTPUT: dz differs from dy, or x - mean needs y
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
+    DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -89,15 +91,17 @@ def _bn_backward_partial_kernel(
         for row0 in range(row_lo, row_hi, BLOCK_R):
             rows = row0 + tl.arange(0, BLOCK_R)
             valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
-            x_offsets = _tile_offsets(rows, cols, pid_c, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST)
-            dy_offsets = _tile_offsets(rows, cols, pid_c, Q, dy_n_stride, dy_q_stride, dy_k_stride, CHANNELS_LAST)
+            x_offsets = _tile_offsets(rows, cols, pid_c, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST,
+                                      DENSE_ROWS, INDEX_64)
+            dy_offsets = _tile_offsets(rows, cols, pid_c, Q, dy_n_stride, dy_q_stride, dy_k_stride, CHANNELS_LAST,
+                                       DENSE_ROWS, INDEX_64)
             x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
             dy = tl.load(dy_ptr + dy_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
             if FUSED:
                 r = x
                 if HAS_RESIDUAL:
                     r_offsets = _tile_offsets(rows, cols, pid_c, Q, r_n_stride, r_q_stride, r_k_stride,
-                                              CHANNELS_LAST)
+                                              CHANNELS_LAST, DENSE_ROWS, INDEX_64)
                     r = tl.load(r_ptr + r_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
                 xmu, act_grad = _recompute(x, r, mean, invstd, gamma, beta, negative_slope,
                                            ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT)
@@ -179,6 +183,7 @@ def _bn_backward_dx_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr,
     WRITE_DRESIDUAL: tl.constexpr,
     FUSED: tl.constexpr,  # ACTIVATION != 0 or FROM_OUTPUT
+    DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
@@ -186,16 +191,16 @@ def _bn_backward_dx_kernel(
     gamma = _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
     a = invstd * gamma
 
-    dy_offsets = _tile_offsets(rows, cols, 0, Q, dy_n_stride, dy_q_stride, dy_k_stride, True)
-    dx_offsets = _tile_offsets(rows, cols, 0, Q, dx_n_stride, dx_q_stride, dx_k_stride, True)
+    dy_offsets = _tile_offsets(rows, cols, 0, Q, dy_n_stride, dy_q_stride, dy_k_stride, True, DENSE_ROWS, INDEX_64)
+    dx_offsets = _tile_offsets(rows, cols, 0, Q, dx_n_stride, dx_q_stride, dx_k_stride, True, DENSE_ROWS, INDEX_64)
     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     if FUSED:
         beta = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)
-        x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
+        x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True, DENSE_ROWS, INDEX_64)
         v = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         r = v
         if HAS_RESIDUAL:
-            r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True)
+            r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True, DENSE_ROWS, INDEX_64)
             r = tl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         fused_xmu, act_grad = _recompute(v, r, _along_channel_axis(mean, CHANNELS_LAST),
                                          _along_channel_axis(invstd, CHANNELS_LAST),
@@ -216,7 +221,7 @@ def _bn_backward_dx_kernel(
         if FUSED:
             xmu = fused_xmu
         else:
-            x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
+            x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True, DENSE_ROWS, INDEX_64)
             x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
             xmu = x - _along_channel_axis(mean, CHANNELS_LAST)
         dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST) + _along_channel_axis(k_0, CHANNELS_LAST)
@@ -267,7 +272,7 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
     ), dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), STAT_IS_VAR=stat_is_var,
             HAS_WEIGHT=weight_arg is not None, HAS_BIAS=bias_arg is not None, ACTIVATION=activation,
             HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused,
-            HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias))
+            HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias, **addressing(view, dy_view, r_view)))
     return sums, d_weight, d_bias
 
 
@@ -301,7 +306,7 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     ), dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
             CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,
             ACTIVATION=activation, HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output,
-            WRITE_DRESIDUAL=grad_residual, FUSED=fused))
+            WRITE_DRESIDUAL=grad_residual, FUSED=fused, **addressing(view, dy_view, dx_view, r_view)))
     return (dx, dr) if grad_residual else dx
 
 

@@ -12,21 +12,34 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_offsets(rows, channel, Q, n_stride, q_stride, ROWS_ARE_NQ: tl.constexpr):
-    """int64 offsets of rows. ROWS_ARE_NQ: row r is (n, q) = (r // Q, r % Q); otherwise row r is
-    sample n = r of the fixed q = ``channel`` (channels-first statistics of one channel)."""
-    rows = rows.to(tl.int64)
+def _row_offsets(rows, channel, Q, n_stride, q_stride, ROWS_ARE_NQ: tl.constexpr, DENSE_ROWS: tl.constexpr,
+                 INDEX_64: tl.constexpr):
+    """Offsets of rows. ROWS_ARE_NQ: row r is (n, q) = (r // Q, r % Q), which DENSE_ROWS
+    (n_stride == Q * q_stride: contiguous and channels-last tensors) turns into r * q_stride,
+    with no division; otherwise row r is sample n = r of the fixed q = ``channel``
+    (channels-first statistics of one channel). int32 arithmetic unless INDEX_64 (a tensor
+    spans 2^31 elements or more): 64-bit multiplies and divisions cost several instructions
+    each, per row."""
+    if INDEX_64:
+        rows = rows.to(tl.int64)
     if ROWS_ARE_NQ:
+        if DENSE_ROWS:
+            return rows * q_stride
         return (rows // Q) * n_stride + (rows % Q) * q_stride
     else:
-        return rows * n_stride + channel.to(tl.int64) * q_stride
+        if INDEX_64:
+            channel = channel.to(tl.int64)
+        return rows * n_stride + channel * q_stride
 
 
 @triton.jit
-def _tile_offsets(rows, cols, channel, Q, n_stride, q_stride, k_stride, ROWS_ARE_NQ: tl.constexpr):
-    """int64 offsets of a [rows, cols] tile (see _row_offsets); cols run along the K axis."""
-    row_offsets = _row_offsets(rows, channel, Q, n_stride, q_stride, ROWS_ARE_NQ)
-    return row_offsets[:, None] + (cols.to(tl.int64) * k_stride)[None, :]
+def _tile_offsets(rows, cols, channel, Q, n_stride, q_stride, k_stride, ROWS_ARE_NQ: tl.constexpr,
+                  DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr):
+    """Offsets of a [rows, cols] tile (see _row_offsets); cols run along the K axis."""
+    row_offsets = _row_offsets(rows, channel, Q, n_stride, q_stride, ROWS_ARE_NQ, DENSE_ROWS, INDEX_64)
+    if INDEX_64:
+        cols = cols.to(tl.int64)
+    return row_offsets[:, None] + (cols * k_stride)[None, :]
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_para
 from .stats import tl_dtype
 from .launch import Launch, tensor_key
 from .tuning import autotune_tiles, cdiv
-from .view import NQKView, dense, empty_output, mergeable, nqk_view
+from .view import addressing, NQKView, dense, empty_output, mergeable, nqk_view
 
 
 @autotune_tiles("STAT_IS_VAR")
@@ -42,6 +42,7 @@ def _bn_normalize_kernel(
     STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
@@ -49,13 +50,13 @@ def _bn_normalize_kernel(
     scale = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
     shift = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)
 
-    x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True)
-    y_offsets = _tile_offsets(rows, cols, 0, Q, y_n_stride, y_q_stride, y_k_stride, True)
+    x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True, DENSE_ROWS, INDEX_64)
+    y_offsets = _tile_offsets(rows, cols, 0, Q, y_n_stride, y_q_stride, y_k_stride, True, DENSE_ROWS, INDEX_64)
     x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     y = (x - _along_channel_axis(mean, CHANNELS_LAST)) * _along_channel_axis(scale, CHANNELS_LAST) \
         + _along_channel_axis(shift, CHANNELS_LAST)
     if HAS_RESIDUAL:
-        r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True)
+        r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True, DENSE_ROWS, INDEX_64)
         y += tl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     y = _activation(y, _wide_scalar(slope_hi, slope_lo, ACC_DTYPE), ACTIVATION)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -72,10 +73,11 @@ def _elementwise_grid(rows: int, K: int):
 
 @functools.lru_cache(maxsize=4096)
 def _normalize_constexprs(stat_is_var: bool, has_weight: bool, has_bias: bool, channels_last: bool,
-                          dtype: torch.dtype, activation: int = 0, has_residual: bool = False) -> dict:
+                          dtype: torch.dtype, activation: int, has_residual: bool, dense_rows: bool,
+                          index_64: bool) -> dict:
     return dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
                 CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype), ACTIVATION=activation,
-                HAS_RESIDUAL=has_residual)
+                HAS_RESIDUAL=has_residual, DENSE_ROWS=dense_rows, INDEX_64=index_64)
 
 
 _NORMALIZE = Launch(_bn_normalize_kernel)
@@ -114,5 +116,5 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
         view.N, view.Q, view.K, *view.strides, *(view.strides if r_view is None else r_view.strides),
         *y_view.strides, float(eps), *split_float(negative_slope),
     ), _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last, x.dtype,
-                             activation, residual is not None))
+                             activation, residual is not None, *addressing(view, y_view, r_view).values()))
     return y

@@ -33,7 +33,7 @@ from .helpers import (_channel_pivot, _lane_counts, _merge_groups,
 from .combine import _combine_channels, _next_power_of_2, bn_stats_combine, bn_stats_combine_groups  # noqa: F401
 from .launch import Launch, tensor_key
 from .tuning import autotune_tiles, cdiv, stats_splits
-from .view import NQKView
+from .view import NQKView, _addressing
 
 
 @autotune_tiles()
@@ -52,6 +52,7 @@ def _bn_stats_partial_kernel(
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
     COMBINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)  # channels-first: the channel; channels-last: a channel block
@@ -73,7 +74,8 @@ def _bn_stats_partial_kernel(
         cols = col0 + tl.arange(0, BLOCK_K)
         for row0 in range(row_lo, row_hi, BLOCK_R):
             rows = row0 + tl.arange(0, BLOCK_R)
-            offsets = _tile_offsets(rows, cols, pid_c, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST)
+            offsets = _tile_offsets(rows, cols, pid_c, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST,
+                                    DENSE_ROWS, INDEX_64)
             valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
             x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
             d = tl.where(valid, x.to(ACC_DTYPE) - pivot_tile, 0.0)
@@ -143,7 +145,8 @@ def _partial_spec(geometry: tuple, dtype: torch.dtype, device: torch.device, spl
         grid = (C, split.num)
     ints = (N, Q, K, C, n_stride, q_stride, k_stride, split.rows_per_split, split.cols_per_split, split.splits_k,
             split.num * C)
-    return (4, split.num, C), grid, ints, dict(CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype))
+    constexprs = dict(CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype), **_addressing((geometry,)))
+    return (4, split.num, C), grid, ints, constexprs
 
 
 def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tensor:
@@ -183,7 +186,8 @@ def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = N
            tensor_key(x, running_mean, running_var, num_batches_tracked))
     _PARTIAL(key, grid, (x, partial, *ints, _tickets(x.device, shape[2]), mean, invstd, running_mean, running_var,
                          num_batches_tracked, *split_float(momentum), float(eps)),
-             _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"], update, cumulative),
+             _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"], constexprs["DENSE_ROWS"],
+                               constexprs["INDEX_64"], update, cumulative),
              scratch=(_RUNNING_MEAN_ARG, _RUNNING_VAR_ARG) if update else ())
     return mean, invstd
 
@@ -195,9 +199,9 @@ _TICKETS: dict = {}
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_constexprs(channels_last, acc, update: bool, cumulative: bool) -> dict:
-    return dict(CHANNELS_LAST=channels_last, ACC_DTYPE=acc, COMBINE=True, UPDATE_RUNNING=update,
-                CUMULATIVE_AVERAGE=cumulative)
+def _fused_constexprs(channels_last, acc, dense_rows: bool, index_64: bool, update: bool, cumulative: bool) -> dict:
+    return dict(CHANNELS_LAST=channels_last, ACC_DTYPE=acc, DENSE_ROWS=dense_rows, INDEX_64=index_64, COMBINE=True,
+                UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative)
 
 
 def _tickets(device: torch.device, programs: int) -> torch.Tensor:

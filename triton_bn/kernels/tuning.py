@@ -41,8 +41,10 @@ TILE_WARPS = {4096: 8, 2048: 4, 1024: 4}
 # --arch 90,80 (triton 3.9: ptxas-blackwell 13.4 for sm_90, ptxas 12.9 for sm_80).
 # (2048, 64): stats_partial fp32 channels-last, 80 regs + 8 bytes of stack since its per-lane
 # register sums (two [BLOCK_R, BLOCK_K] accumulators) replaced the per-tile reductions.
+# (2048, 512), (2048, 1024): backward_partial fp16/bf16 NCHW, 56-64 regs + 8 bytes of stack
+# with 32-bit addressing (the same --regAllocOptLevel=2 effect).
 SPILLING_TILES = {(4096, 16), (4096, 32), (4096, 128), (4096, 256), (4096, 512), (2048, 256), (2048, 64),
-                  (1024, 1024)}
+                  (2048, 512), (2048, 1024), (1024, 1024)}
 TUNING_KEY = ["N", "Q", "K", "CHANNELS_LAST"]
 
 

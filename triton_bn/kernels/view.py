@@ -158,3 +158,21 @@ def output_for(x: torch.Tensor) -> torch.Tensor:
     exactly the launchers' strides."""
     x = mergeable(x)
     return _empty_output(x, choose_channels_last(x))
+
+
+_INT32_SPAN = 2**31 - 1
+
+
+def addressing(*views: Optional[NQKView]) -> dict:
+    """The addressing constexprs of a kernel over these views (None ones skipped): DENSE_ROWS
+    when every view's rows are evenly spaced (n_stride == Q * q_stride: row r starts at
+    r * q_stride, no division), INDEX_64 when some view spans 2^31 elements or more."""
+    return _addressing(tuple(v[1:] for v in views if v is not None))
+
+
+@functools.lru_cache(maxsize=4096)
+def _addressing(geometries: tuple) -> dict:
+    dense = all(n_stride == Q * q_stride for N, Q, K, n_stride, q_stride, k_stride, _ in geometries)
+    span = max((N - 1) * abs(n_stride) + (Q - 1) * abs(q_stride) + (K - 1) * abs(k_stride)
+               for N, Q, K, n_stride, q_stride, k_stride, _ in geometries)
+    return {"DENSE_ROWS": dense, "INDEX_64": span >= _INT32_SPAN}
