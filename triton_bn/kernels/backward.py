@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .activation import _recompute
-from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
+from .helpers import (_along_channel_axis, _elementwise_tile, _last_of_channel, _load_channel_param,
+                      _load_channel_stats, _release_ticket,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
 from .launch import Launch, tensor_key
@@ -119,21 +120,14 @@ def _bn_backward_partial_kernel(
     else:
         tl.store(out + pid_c, tl.sum(sum_dy, 0))
         tl.store(out + partial_field_stride + pid_c, tl.sum(sum_dy_xmu, 0))
-    # The last program of a channel (block) to finish adds every split's sums in split order
-    # (as stats.py's statistics kernel does; the ticket is acq_rel at GPU scope) and resets
-    # the ticket. Only outputs are written: rerunning it (an autotuner) changes nothing.
-    P = tl.num_programs(1)
-    ticket = tl.atomic_add(tickets_ptr + pid_c, 1)
-    if ticket == P - 1:
-        if CHANNELS_LAST:
-            channels = col_lo + tl.arange(0, BLOCK_K)
-            block_p: tl.constexpr = BLOCK_R
-        else:
-            channels = pid_c + tl.arange(0, 1)
-            block_p: tl.constexpr = BLOCK_R * BLOCK_K
-        _combine_sums(partial_ptr, P, C, channels, channels < C, mean_ptr, stat_ptr, sums_ptr, grad_weight_ptr,
-                      grad_bias_ptr, eps, STAT_IS_VAR, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS, block_p)
-        tl.atomic_xchg(tickets_ptr + pid_c, 0)
+    # The last program of a channel (block) to finish adds every split's sums in split order.
+    # Only outputs are written: rerunning it (an autotuner) changes nothing.
+    last, channels = _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST, BLOCK_K)
+    if last:
+        _combine_sums(partial_ptr, tl.num_programs(1), C, channels, channels < C, mean_ptr, stat_ptr, sums_ptr,
+                      grad_weight_ptr, grad_bias_ptr, eps, STAT_IS_VAR, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS,
+                      BLOCK_R if CHANNELS_LAST else BLOCK_R * BLOCK_K)
+        _release_ticket(tickets_ptr, pid_c)
 
 
 @triton.jit

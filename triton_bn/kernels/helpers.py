@@ -100,6 +100,27 @@ def _channel_pivot(x_ptr, pid_c, col_lo, K, q_stride, k_stride, CHANNELS_LAST: t
 
 
 @triton.jit
+def _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(is this program the last of its channel (block) to finish, that block's channels).
+
+    Every program of a channel takes a ticket from an int32 counter that is zero between calls;
+    the atomic is acq_rel at GPU scope, so what the earlier programs stored is visible to the
+    one that draws the last ticket. That program combines and calls _release_ticket."""
+    ticket = tl.atomic_add(tickets_ptr + pid_c, 1)
+    if CHANNELS_LAST:
+        channels = col_lo + tl.arange(0, BLOCK_K)
+    else:
+        channels = pid_c + tl.arange(0, 1)
+    return ticket == tl.num_programs(1) - 1, channels
+
+
+@triton.jit
+def _release_ticket(tickets_ptr, pid_c):
+    """Zero the channel's counter again, for the next call (no memset launch needed)."""
+    tl.atomic_xchg(tickets_ptr + pid_c, 0)
+
+
+@triton.jit
 def _merge_groups(mean, m2, count, axis: tl.constexpr):
     """Merge many groups along ``axis``; groups with count 0 must carry m2 = 0."""
     total = tl.sum(count, axis)

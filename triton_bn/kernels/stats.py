@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from .helpers import (_channel_pivot, _lane_counts, _merge_groups,
+from .helpers import (_channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
                       _split_bounds, _tile_offsets, split_float)
 from .combine import _combine_channels, _next_power_of_2, bn_stats_combine, bn_stats_combine_groups  # noqa: F401
 from .launch import Launch, tensor_key
@@ -101,23 +101,15 @@ def _bn_stats_partial_kernel(
         tl.store(out + 3 * partial_field_stride + pid_c, pivot)
     if COMBINE:
         # The last program of a channel (block) to finish merges every split's partials, in
-        # split order: one launch fewer, and the same bits as a separate combine. The ticket
-        # is acq_rel at GPU scope: the partials stored above are visible to whoever draws the
-        # last ticket, and that program sees all of them. It resets the ticket for next time.
-        P = tl.num_programs(1)
-        ticket = tl.atomic_add(tickets_ptr + pid_c, 1)
-        if ticket == P - 1:
-            if CHANNELS_LAST:
-                channels = col_lo + tl.arange(0, BLOCK_K)
-                block_p: tl.constexpr = BLOCK_R
-            else:
-                channels = pid_c + tl.arange(0, 1)
-                block_p: tl.constexpr = BLOCK_R * BLOCK_K
-            _combine_channels(partial_ptr, P, C, C, partial_field_stride, channels, channels < C,
+        # split order: one launch fewer, and the same bits as a separate combine.
+        last, channels = _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST, BLOCK_K)
+        if last:
+            _combine_channels(partial_ptr, tl.num_programs(1), C, C, partial_field_stride, channels, channels < C,
                               mean_ptr, invstd_ptr, None, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
-                              UPDATE_RUNNING, CUMULATIVE_AVERAGE, False, block_p)
-            tl.atomic_xchg(tickets_ptr + pid_c, 0)
+                              UPDATE_RUNNING, CUMULATIVE_AVERAGE, False,
+                              BLOCK_R if CHANNELS_LAST else BLOCK_R * BLOCK_K)
+            _release_ticket(tickets_ptr, pid_c)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
