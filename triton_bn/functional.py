@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import ops
 from .composite import composite_grads, torch_activation
 from .kernels import activation_code, bn_backward, bn_forward_eval, bn_forward_train, invertible
+from .kernels.activation import LEAKY_RELU
 from .kernels.tuning import cpu_kernels, interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -115,7 +116,7 @@ def _check_fused(input, activation, negative_slope, residual, save, inplace) -> 
     if save == "output" and not invertible(code, negative_slope):
         raise ValueError(f"batch_norm: save='output' needs an invertible activation (None, 'leaky_relu' with "
                          f"negative_slope > 0, 'elu'); got activation={activation!r}"
-                         + (f" with negative_slope={negative_slope}" if code == 2 else ""))
+                         + (f" with negative_slope={negative_slope}" if code == LEAKY_RELU else ""))
     if inplace and save != "output":
         raise ValueError("batch_norm: inplace=True overwrites the input, so the backward cannot read it: "
                          "it needs save='output'")
@@ -202,27 +203,8 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_mean, _grad_stat):
         saved, weight, bias, mean, stat, residual = ctx.saved_tensors
         n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[2], n[9])
-        fused = dict(activation=ctx.activation, negative_slope=ctx.negative_slope, residual=residual)
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward, gradient penalties): a differentiable
-            # composition of torch ops instead of the kernels.
-            if ctx.save_output:
-                raise RuntimeError("triton_bn.batch_norm: double backward (create_graph=True) needs the input, "
-                                   "which save='output' does not keep; use save='input'")
-            grads = composite_grads(grad_output, saved, weight, bias, mean, stat, ctx.training, ctx.eps,
-                                    needs if residual is not None else needs[:3], **fused)
-            if residual is None:  # activation None: z = BN(x) + r, so dr = dy
-                grads = (*grads, grad_output if needs[3] else None)
-        elif _traced(grad_output):
-            grads = ops.backward(grad_output, saved, weight, mean, stat, ctx.eps, ctx.training, list(needs),
-                                 ctx.param_dtype, bias, ctx.activation, ctx.negative_slope, residual,
-                                 ctx.save_output)
-            grads = tuple(g if need else None for g, need in zip(grads, needs))
-        else:
-            grads = bn_backward(grad_output, saved, weight, mean, stat, ctx.eps, ctx.training, needs,
-                                param_dtype=ctx.param_dtype, bias=bias, from_output=ctx.save_output, **fused)
-        dx, dw, db, dr = grads
+        dx, dw, db, dr = _gradients(ctx, grad_output, saved, weight, bias, mean, stat, (n[0], n[1], n[2], n[9]),
+                                    residual, ctx.activation, ctx.negative_slope, ctx.save_output)
         return dx, dw, db, None, None, None, None, None, None, dr, None, None, None, None
 
     @staticmethod
@@ -232,22 +214,36 @@ class BatchNormFunction(torch.autograd.Function):
             "under vmap use torch.nn.functional.batch_norm, or loop over the vmapped dimension.")
 
 
-def _eager_backward(ctx, grad_output):
-    """The plain (unfused) backward of _EagerBatchNormFunction."""
-    input, weight, bias, mean, stat = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad[:3])
+def _gradients(ctx, grad_output, saved, weight, bias, mean, stat, needs, residual, activation, negative_slope,
+               save_output):
+    """(dx, dweight, dbias, dresidual) for both Functions, None where ``needs`` (4 flags) says so.
+    ``saved`` is x (or y when ``save_output``); ``residual`` the one z needs (None otherwise)."""
+    fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
     if torch.is_grad_enabled():
         # create_graph=True (double backward, gradient penalties): a differentiable
         # composition of torch ops instead of the kernels.
-        grads = composite_grads(grad_output, input, weight, bias, mean, stat, ctx.training, ctx.eps, needs)
-    elif _traced(grad_output):
-        grads = ops.backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, list(needs),
-                             ctx.param_dtype)[:3]
-        grads = tuple(g if need else None for g, need in zip(grads, needs))
-    else:
-        grads = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, needs,
-                            param_dtype=ctx.param_dtype)
-    return (*grads, None, None, None, None, None, None)
+        if save_output:
+            raise RuntimeError("triton_bn.batch_norm: double backward (create_graph=True) needs the input, "
+                               "which save='output' does not keep; use save='input'")
+        grads = composite_grads(grad_output, saved, weight, bias, mean, stat, ctx.training, ctx.eps,
+                                needs if residual is not None else needs[:3], **fused)
+        if residual is None:  # no activation: z = BN(x) + r, so dr = dy
+            grads = (*grads, grad_output if needs[3] else None)
+        return grads
+    if _traced(grad_output):
+        grads = ops.backward(grad_output, saved, weight, mean, stat, ctx.eps, ctx.training, list(needs),
+                             ctx.param_dtype, bias, activation, negative_slope, residual, save_output)
+        return tuple(g if need else None for g, need in zip(grads, needs))
+    return bn_backward(grad_output, saved, weight, mean, stat, ctx.eps, ctx.training, needs,
+                       param_dtype=ctx.param_dtype, bias=bias, from_output=save_output, **fused)
+
+
+def _eager_backward(ctx, grad_output):
+    """The plain (unfused) backward of _EagerBatchNormFunction."""
+    input, weight, bias, mean, stat = ctx.saved_tensors
+    dx, dw, db, _ = _gradients(ctx, grad_output, input, weight, bias, mean, stat, (*ctx.needs_input_grad[:3], False),
+                               None, 0, 0.01, False)
+    return dx, dw, db, None, None, None, None, None, None
 
 
 class _EagerBatchNormFunction(torch.autograd.Function):

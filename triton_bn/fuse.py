@@ -111,6 +111,16 @@ def _activation_of_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Option
     return None
 
 
+def _install_fused(gm, target: str, bn, act, save: str, inplace: bool, summary, fused_list: list) -> None:
+    """Replace BN ``target`` by its fused layer for activation ``act`` (name, slope) and record it:
+    in ``fused_list`` (which pattern), and in ``summary.save_output`` when it keeps y."""
+    mode = _mode(*act, save)
+    _set_submodule(gm, target, fused_from(bn, act[0], act[1], mode, inplace and mode == "output"))
+    fused_list.append((target, act[0]))
+    if mode == "output":
+        summary.save_output.append(target)
+
+
 def _mode(name: str, slope: float, save: str) -> str:
     return save if save == "input" or invertible(activation_code(name), slope) else "input"
 
@@ -138,28 +148,20 @@ def _fuse_graph(gm: torch.fx.GraphModule, save: str, inplace: bool):
         user = users[0] if fusable else None
         act = _activation_of_node(gm, user) if user is not None and user.args[0] is node else None
         if act is not None:  # BN -> activation
-            mode = _mode(*act, save)
-            _set_submodule(gm, node.target, fused_from(bn, act[0], act[1], mode, inplace and mode == "output"))
+            _install_fused(gm, node.target, bn, act, save, inplace, summary, summary.fused_activation)
             user.replace_all_uses_with(node)
             graph.erase_node(user)
-            summary.fused_activation.append((node.target, act[0]))
-            if mode == "output":
-                summary.save_output.append(node.target)
             continue
         residual = _residual_pattern(gm, node, user)
         if residual is not None:  # BN -> add -> activation
             add, act_node, other, act = residual
-            mode = _mode(*act, save)
-            _set_submodule(gm, node.target, fused_from(bn, act[0], act[1], mode, inplace and mode == "output"))
+            _install_fused(gm, node.target, bn, act, save, inplace, summary, summary.fused_residual)
             with graph.inserting_before(add):  # after the residual's producer, wherever it was
                 fused = graph.call_module(node.target, (node.args[0], other))
             act_node.replace_all_uses_with(fused)
             graph.erase_node(act_node)
             graph.erase_node(add)
             graph.erase_node(node)
-            summary.fused_residual.append((node.target, act[0]))
-            if mode == "output":
-                summary.save_output.append(node.target)
             continue
         mode_plain = save == "output" and fusable
         if mode_plain:  # a lone BatchNorm is invertible: In-Place ABN applies to it too

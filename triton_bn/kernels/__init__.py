@@ -34,13 +34,8 @@ __all__ = [
 
 def input_view(x: torch.Tensor) -> NQKView:
     """The kernels' view of an (N, C, *spatial) input; copies only non-mergeable spatial dims."""
-    view = _cached_view(x)
-    return view if view is not None else nqk_view(x.contiguous())
-
-
-def _cached_view(x: torch.Tensor) -> Optional[NQKView]:
     geometry = _geometry(tuple(x.shape), x.stride(), None)
-    return None if geometry is None else NQKView(x, *geometry)
+    return NQKView(x, *geometry) if geometry is not None else nqk_view(x.contiguous())
 
 
 def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -57,7 +52,7 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits)
     for buffer, updated in ((running_mean, rm), (running_var, rv)):
         if updated is not buffer:
-            buffer.copy_(updated.view_as(buffer))
+            buffer.copy_(updated)
     y = bn_normalize(view, mean, invstd, weight, bias, out=out, activation=activation,
                      negative_slope=negative_slope, residual=residual)
     return y, mean, invstd

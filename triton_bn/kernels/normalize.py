@@ -81,7 +81,7 @@ def _normalize_constexprs(stat_is_var: bool, has_weight: bool, has_bias: bool, c
 
 
 _NORMALIZE = Launch(_bn_normalize_kernel)
-_IN_PLACE_TUNED: set = set()  # plan keys of in-place launches whose tile config is chosen
+_Y_ARG = _NORMALIZE.names.index("y_ptr")
 
 
 def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
@@ -104,17 +104,15 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
     key = (view[1:], y_view[1:], stat_is_var, tensor_key(x, mean, stat, weight, bias, residual),
            True if out is None else out.data_ptr() & 15 == 0, activation,
            None if r_view is None else r_view[1:])
-    if out is not None and out.data_ptr() == x.data_ptr() and key not in _IN_PLACE_TUNED:
-        # In place, a key the autotuner has not seen would be benchmarked by launching every
-        # candidate config several times, each normalizing the previous one's output. Tune it
-        # on a scratch output first (the autotuner's key, N, Q, K, layout and dtypes, is the same).
-        bn_normalize(view, mean, stat, weight, bias, eps, stat_is_var, torch.empty_like(out), activation=activation,
-                     negative_slope=negative_slope, residual=residual)
-        _IN_PLACE_TUNED.add(key)
+    # In place, a key the autotuner has not seen would be benchmarked by launching every
+    # candidate config several times, each normalizing the previous one's output: the first
+    # call of the key runs on a scratch output first (Launch's scratch).
+    in_place = out is not None and out.data_ptr() == x.data_ptr()
     _NORMALIZE(key, _elementwise_grid(view.N * view.Q, view.K), (
         x, residual, y, mean, stat, weight, bias,
         view.N, view.Q, view.K, *view.strides, *(view.strides if r_view is None else r_view.strides),
         *y_view.strides, float(eps), *split_float(negative_slope),
     ), _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last, x.dtype,
-                             activation, residual is not None, *addressing(view, y_view, r_view).values()))
+                             activation, residual is not None, *addressing(view, y_view, r_view).values()),
+               scratch=(_Y_ARG,) if in_place else ())
     return y

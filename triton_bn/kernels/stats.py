@@ -30,7 +30,7 @@ from triton.runtime import driver
 
 from .helpers import (_channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
                       _split_bounds, _tile_offsets, split_float)
-from .combine import _combine_channels, _next_power_of_2, bn_stats_combine, bn_stats_combine_groups  # noqa: F401
+from .combine import _combine_channels
 from .launch import Launch, tensor_key
 from .tuning import autotune_tiles, cdiv, stats_splits
 from .view import NQKView, _addressing

@@ -44,10 +44,10 @@ class NQKView(NamedTuple):
         return self.N * (self.Q if self.channels_last else self.K)
 
 
-def _spatial_size(x: torch.Tensor) -> int:
-    """S, the product of the spatial sizes (1 when there are none)."""
+def _spatial_size(shape) -> int:
+    """S, the product of the spatial sizes of an (N, C, *spatial) shape (1 when there are none)."""
     S = 1
-    for size in x.shape[2:]:
+    for size in shape[2:]:
         S *= size
     return S
 
@@ -69,10 +69,7 @@ def _merged_spatial_stride(x: torch.Tensor) -> Optional[int]:
 
 
 def _orientation(shape, stride, s_stride: int) -> bool:
-    S = 1
-    for size in shape[2:]:
-        S *= size
-    if S == 1:
+    if _spatial_size(shape) == 1:
         return True  # (N, C): rows are samples, the channel axis is the only inner one
     if shape[1] == 1:
         return False
@@ -105,10 +102,7 @@ def _geometry(shape: tuple, stride: tuple, channels_last: Optional[bool]):
         return None
     if channels_last is None:
         channels_last = _orientation(shape, stride, s_stride)
-    N, C = shape[0], shape[1]
-    S = 1
-    for size in shape[2:]:
-        S *= size
+    N, C, S = shape[0], shape[1], _spatial_size(shape)
     if channels_last:
         return N, S, C, stride[0], s_stride, stride[1], True
     return N, C, S, stride[0], stride[1], s_stride, False
