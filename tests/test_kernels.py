@@ -294,3 +294,18 @@ def test_int64_addressing_gives_the_same_results(shape, layout, device, monkeypa
     finally:
         view_module._addressing.cache_clear()
         stats_kernels._partial_spec.cache_clear()
+
+
+def test_in_place_normalize_autotunes_on_a_scratch_output(device, monkeypatch):
+    """Several candidates survive pruning; benchmarking them in place would normalize the same
+    data again and again: the first call of the key runs on a scratch output."""
+    monkeypatch.setenv("TRITON_BN_INTERPRET_GPU_PRUNING", "1")
+    monkeypatch.delenv("TRITON_BN_PIN_CONFIG", raising=False)
+    x = random_input((3, 2, 59), torch.float32, device, seed=26, mean=2.0)  # a shape no other test uses
+    assert len(prune_tile_configs(TILE_CONFIGS, {"K": 59})) > 1
+    rm, rv = torch.full((2,), 1.5, device=device), torch.full((2,), 4.0, device=device)
+    expected = (x.double() - 1.5) / torch.sqrt(torch.tensor(4.0, dtype=torch.float64) + 1e-5)
+    normalize_kernels._bn_normalize_kernel.cache.clear()
+    y = x.clone()
+    bn_forward_eval(y, None, None, rm, rv, 1e-5, out=y)
+    assert_close(y, expected, torch.float32, "in-place y after tuning")
