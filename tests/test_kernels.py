@@ -8,6 +8,7 @@ from triton_bn.kernels import (bn_backward, bn_forward_eval, bn_forward_train, b
 from triton_bn.kernels import backward as backward_kernels
 from triton_bn.kernels import normalize as normalize_kernels
 from triton_bn.kernels import stats as stats_kernels
+from triton_bn.kernels.launch import clear_plans
 from triton_bn.kernels.tuning import TILE_CONFIGS, prune_tile_configs, stats_splits
 
 # (shape, layout): NCHW, channels_last, BatchNorm1d (N, C) and (N, C, L), 5-D, strided views;
@@ -182,6 +183,7 @@ def test_pinned_config_runs_alone(monkeypatch, device):
     saved = [dict(k.cache) for k in kernels]
     for k in kernels:
         k.cache.clear()
+    clear_plans()  # a recorded plan would skip the autotuner
     try:
         x = random_input((3, 5, 7, 6), torch.float32, device, seed=12)
         dy = random_input((3, 5, 7, 6), torch.float32, device, seed=13)
@@ -219,14 +221,22 @@ def test_fused_statistics_are_bitwise_the_two_pass_ones(shape, layout, splits, d
         assert torch.equal(a, b), name
 
 
-def test_forward_train_and_backward_are_two_launches_each(device, monkeypatch):
+def count_launches(monkeypatch) -> list:
+    """A list that gets one entry per kernel launch: a plan's, or Triton's own (a first call)."""
     from triton_bn.kernels import launch
+    calls = []
+    for cls, name in ((launch._Plan, "launch"), (launch._Plan, "launch_tensors"), (launch.Launch, "_first")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _original=original, **k: calls.append(self)
+                            or _original(self, *a, **k))
+    return calls
+
+
+def test_forward_train_and_backward_are_two_launches_each(device, monkeypatch):
     x = random_input((4, 3, 5, 6), torch.float32, device, seed=21)
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     y, mean, invstd = bn_forward_train(x, None, None, rm, rv)  # first call: tunes on scratch
-    calls = []
-    original = launch.Launch.__call__
-    monkeypatch.setattr(launch.Launch, "__call__", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    calls = count_launches(monkeypatch)
     bn_forward_train(x, None, None, rm, rv)
     assert len(calls) == 2, "forward-train: statistics (with the combine) + normalize"
     calls.clear()
@@ -243,6 +253,7 @@ def test_autotuning_moves_the_running_statistics_exactly_once(device, monkeypatc
     x = random_input((3, 2, 61), torch.float32, device, seed=22, mean=4.0)  # a shape no other test uses
     rm, rv = torch.zeros(2, device=device), torch.ones(2, device=device)
     stats_kernels._PARTIAL.fn.cache.clear()
+    clear_plans()
     bn_forward_train(x, None, None, rm, rv, momentum=0.5)
     ref_mean, ref_var = _stats64(x)
     M = x.numel() // 2
@@ -256,6 +267,7 @@ def test_training_and_eval_normalize_tune_separately(device):
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
     kernel = normalize_kernels._bn_normalize_kernel
     kernel.cache.clear()
+    clear_plans()
     bn_forward_train(x, None, None, rm, rv)
     bn_forward_eval(x, None, None, rm, rv)
     assert len(kernel.cache) == 2, list(kernel.cache)
@@ -278,6 +290,7 @@ def test_int64_addressing_gives_the_same_results(shape, layout, device, monkeypa
     monkeypatch.setattr(view_module, "_INT32_SPAN", 0)
     view_module._addressing.cache_clear()
     stats_kernels._partial_spec.cache_clear()
+    clear_plans()  # recorded plans and replays fix the addressing they were recorded with
     try:
         x = random_input(shape, torch.float32, device, layout, seed=24, mean=1.0)
         dy = random_input(shape, torch.float32, device, layout, seed=25)
@@ -287,6 +300,7 @@ def test_int64_addressing_gives_the_same_results(shape, layout, device, monkeypa
         monkeypatch.undo()
         view_module._addressing.cache_clear()
         stats_kernels._partial_spec.cache_clear()
+        clear_plans()
         y32, mean32, invstd32 = bn_forward_train(x, None, None, None, None)
         dx32, _, _ = bn_backward(dy, x, None, mean32, invstd32)
         for a, b, name in ((y, y32, "y"), (mean, mean32, "mean"), (dx, dx32, "dx")):
@@ -306,6 +320,7 @@ def test_in_place_normalize_autotunes_on_a_scratch_output(device, monkeypatch):
     rm, rv = torch.full((2,), 1.5, device=device), torch.full((2,), 4.0, device=device)
     expected = (x.double() - 1.5) / torch.sqrt(torch.tensor(4.0, dtype=torch.float64) + 1e-5)
     normalize_kernels._bn_normalize_kernel.cache.clear()
+    clear_plans()
     y = x.clone()
     bn_forward_eval(y, None, None, rm, rv, 1e-5, out=y)
     assert_close(y, expected, torch.float32, "in-place y after tuning")

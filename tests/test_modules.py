@@ -55,6 +55,22 @@ def test_training_steps_then_eval_match_torch(ours_cls, torch_cls, shape, moment
     assert_close(ours(x), ref(x.float()), dtype, "eval y")
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_the_step_counter_moves_inside_the_statistics_launch(momentum, device, monkeypatch):
+    """A training step is the two kernel launches and nothing else: the statistics kernel
+    increments num_batches_tracked itself (torch's module launches an add_ for it)."""
+    from tests.test_kernels import count_launches
+    ours = triton_bn.BatchNorm2d(4, momentum=momentum).to(device)
+    x = random_input((3, 4, 5, 2), torch.float32, device, seed=3)
+    ours(x)  # the first call of a shape tunes and compiles
+    calls = count_launches(monkeypatch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        ours(x)
+    assert len(calls) == 2
+    assert int(ours.num_batches_tracked) == 2
+    assert not [e.name for e in profile.events() if e.name.startswith("aten::add")], "a separate counter op ran"
+
+
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track_running_stats", [True, False])
 def test_affine_and_tracking_flags(affine, track_running_stats, device):

@@ -39,7 +39,7 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def uses_kernels(x: torch.Tensor) -> bool:
     """Whether ``x`` runs through the Triton kernels (vs. torch's fallback)."""
-    return x.is_cuda or (x.device.type == "cpu" and cpu_kernels())
+    return x.is_cuda or (cpu_kernels() and x.is_cpu)
 
 
 def backend(x: torch.Tensor) -> str:
@@ -241,8 +241,13 @@ def _gradients(ctx, grad_output, saved, weight, bias, mean, stat, needs, residua
 def _eager_backward(ctx, grad_output):
     """The plain (unfused) backward of _EagerBatchNormFunction."""
     input, weight, bias, mean, stat = ctx.saved_tensors
-    dx, dw, db, _ = _gradients(ctx, grad_output, input, weight, bias, mean, stat, (*ctx.needs_input_grad[:3], False),
-                               None, 0, 0.01, False)
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() or _traced(grad_output):
+        dx, dw, db, _ = _gradients(ctx, grad_output, input, weight, bias, mean, stat, (*needs, False), None, 0, 0.01,
+                                   False)
+    else:  # the common case, with positional arguments only: the launcher's replay key is cheapest
+        dx, dw, db = bn_backward(grad_output, input, weight, mean, stat, ctx.eps, ctx.training, needs, None,
+                                 ctx.param_dtype)
     return dx, dw, db, None, None, None, None, None, None
 
 
@@ -301,8 +306,9 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
                 negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
                 save: str = "input", inplace: bool = False) -> torch.Tensor:
     """batch_norm, plus the modules' step counter: ``num_batches_tracked`` (a device tensor) is
-    incremented once the arguments have passed their checks, and with ``cumulative_average``
-    (momentum=None) its reciprocal replaces ``momentum`` on the device, with no host sync."""
+    incremented once the arguments have passed their checks (by the statistics kernel, no
+    launch of its own), and with ``cumulative_average`` (momentum=None) its reciprocal replaces
+    ``momentum`` on the device, with no host sync."""
     code = _check_fused(input, activation, negative_slope, residual, save, inplace)
     save_output = save == "output"
     if input.dim() < 2 or input.numel() == 0 or not uses_kernels(input):
@@ -320,22 +326,27 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
             y = y + residual
         return torch_activation(y, code, negative_slope)
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    if not training:
+        num_batches_tracked = None  # the statistics kernel counts the step; eval is no step
     if not training:  # read only: any strides become the [C] vectors the kernels index
         running_mean, running_var = _contiguous_param(running_mean), _contiguous_param(running_var)
     weight, bias = _contiguous_param(weight), _contiguous_param(bias)
     if save_output and weight is not None:
         weight = weight.abs() + eps  # the paper's guard: the backward divides by it (module docstring)
-    momentum, eps, negative_slope = float(momentum), float(eps), float(negative_slope)
-    counter = num_batches_tracked if cumulative_average else None
+    # The statistics kernel increments the counter (once the arguments have passed their
+    # checks: no launch before); momentum=None tells it to use 1 / counter (cumulative).
+    momentum = None if cumulative_average and num_batches_tracked is not None else float(momentum)
+    eps, negative_slope = float(eps), float(negative_slope)
+    counter = num_batches_tracked
     args = (input, weight, bias, running_mean, running_var, training, momentum, eps, counter, residual, code,
             negative_slope, save_output, inplace)
     if _traced(input) or _functorch_active():
         if inplace:  # traced: the out-of-place op, then a copy (save="output" keeps y, not x)
             return input.copy_(BatchNormFunction.apply(*args[:-1], False)[0])
         return BatchNormFunction.apply(*args)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)
+                                    or (residual is not None and residual.requires_grad)):
         if code == 0 and residual is None and not save_output and not inplace:  # plain BN: the lean twin
             return _apply_eager(input, weight, bias, running_mean, running_var, training, momentum, eps, counter)
         return _apply_fused(*args)[0]

@@ -41,6 +41,16 @@ torch.fx.wrap("_check_rank")
 torch.fx.wrap("_batch_norm")
 
 
+def _member(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter or buffer, without nn.Module.__getattr__."""
+    parameters, buffers = module._parameters, module._buffers
+    if name in parameters:
+        return parameters[name]
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
 class _TritonBatchNorm:
     """The forward shared by the BatchNorm*d classes; the rest comes from torch.nn."""
 
@@ -61,17 +71,21 @@ class _TritonBatchNorm:
         """The batch norm of a checked input; ``fused``: batch_norm's fused keyword arguments
         (activation, negative_slope, residual, save, inplace; fused_modules.py)."""
         momentum = 0.0 if self.momentum is None else self.momentum
+        # nn.Module.__getattr__ costs ~0.7 us per parameter or buffer read: each is read once.
+        running_mean, running_var, counter = (_member(self, "running_mean"), _member(self, "running_var"),
+                                              _member(self, "num_batches_tracked"))
+        training = self.training
         # The step counter moves only once the arguments have passed their checks.
-        counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        counting = training and self.track_running_stats and counter is not None
         # Batch statistics in training, and in eval when no running statistics exist.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
+        bn_training = training or (running_mean is None and running_var is None)
+        use_buffers = not training or self.track_running_stats
         return _batch_norm(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight, self.bias, bn_training, momentum, self.eps,
-            num_batches_tracked=self.num_batches_tracked if counting else None,
+            running_mean if use_buffers else None,
+            running_var if use_buffers else None,
+            _member(self, "weight"), _member(self, "bias"), bn_training, momentum, self.eps,
+            num_batches_tracked=counter if counting else None,
             cumulative_average=self.momentum is None,
             **fused,
         )

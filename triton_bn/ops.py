@@ -5,7 +5,7 @@ torch.compile, torch.export, CUDA graphs and FX see one opaque op per step, with
 mutations it makes declared in its schema:
 
     triton_bn::forward_train(x, weight?, bias?, running_mean(a!)?, running_var(b!)?,
-                             num_batches_tracked?, momentum, eps,
+                             num_batches_tracked(c!)?, momentum?, eps,
                              activation=0, negative_slope=0.01, residual?=None)
                              -> (y, save_mean, save_invstd)
     triton_bn::forward_eval(x, weight?, bias?, running_mean, running_var, eps,
@@ -28,8 +28,9 @@ interpreter cannot serve. An opaque op keeps one implementation for eager, compi
 and the interpreter; what it costs is that Inductor does not fuse into our kernels (it fuses
 around them), which the fused epilogues make up for.
 
-``num_batches_tracked`` is read (momentum=None reads the step count on the device) but not
-written: the caller increments it with a plain torch op, which compilers trace as usual.
+``num_batches_tracked`` (the step counter) is incremented by forward_train's statistics
+kernel, once per call (no separate ``add_`` launch); ``momentum=None`` is torch's cumulative
+average, 1 / the new count, read on the device.
 Autograd is not registered on these ops (torch refuses autograd formulas on ops that mutate
 their inputs); ``triton_bn.functional.BatchNormFunction`` wraps them, and calls the same
 launchers directly in eager mode, skipping the dispatcher (see functional.py).
@@ -49,10 +50,11 @@ def _stat_vector(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("triton_bn::forward_train", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("triton_bn::forward_train",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  num_batches_tracked: Optional[Tensor], momentum: float, eps: float,
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
                   activation: int = 0, negative_slope: float = 0.01,
                   residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     return bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked,

@@ -20,6 +20,7 @@ import torch
 from .activation import ACTIVATIONS, activation_code, invertible
 from .backward import bn_backward_dx, bn_backward_reduce
 from .normalize import bn_normalize
+from .replay import replayable
 from .combine import bn_stats_combine, bn_stats_combine_groups
 from .stats import bn_stats, bn_stats_partial
 from .view import NQKView, _geometry, mergeable, nqk_view, output_for
@@ -38,14 +39,17 @@ def input_view(x: torch.Tensor) -> NQKView:
     return NQKView(x, *geometry) if geometry is not None else nqk_view(x.contiguous())
 
 
+@replayable
 def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                     momentum: float = 0.1, eps: float = 1e-5,
+                     momentum: Optional[float] = 0.1, eps: float = 1e-5,
                      num_batches_tracked: Optional[torch.Tensor] = None,
                      splits: Optional[int] = None, *, activation: int = 0, negative_slope: float = 0.01,
                      residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
     """(y, save_mean, save_invstd) from batch statistics; running stats updated in place (any
     strides: a non-contiguous buffer is updated through a contiguous copy, written back).
+    ``num_batches_tracked`` (the step counter) is incremented by the statistics launch;
+    ``momentum=None``: the cumulative average, factor 1 / its new value (as torch's modules).
     y = act(BN(x) + residual) with the fused epilogue; ``out=x`` writes y over x (in-place)."""
     view = input_view(x)
     rm, rv = _contiguous(running_mean), _contiguous(running_var)
@@ -71,6 +75,7 @@ def bn_forward_eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
                         activation=activation, negative_slope=negative_slope, residual=residual)
 
 
+@replayable
 def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                 mean: torch.Tensor, stat: torch.Tensor, eps: float = 0.0, training: bool = True,
                 needs_input_grad=(True, True, True), splits: Optional[int] = None,

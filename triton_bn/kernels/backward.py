@@ -31,7 +31,7 @@ from .helpers import (_along_channel_axis, _elementwise_tile, _last_of_channel, 
                       _load_channel_stats, _release_ticket,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
-from .launch import Launch, tensor_key
+from .launch import Launch, fresh, tensor_key
 from .stats import _tickets, acc_dtype, tl_dtype
 from .tuning import autotune_tiles, cdiv, stats_splits
 from .view import NQKView, addressing, dense, empty_output, nqk_view
@@ -239,7 +239,7 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
     dy_view = nqk_view(dy, view.channels_last)
     r_view = None if residual is None else nqk_view(residual, view.channels_last)
     split = stats_splits(view.N, view.Q, view.K, view.channels_last, x.device, splits)
-    partial = torch.empty((2, split.num, C), dtype=acc_dtype(x.dtype), device=x.device)
+    partial = fresh(torch.empty((2, split.num, C), dtype=acc_dtype(x.dtype), device=x.device))
     fused = activation != 0 or from_output
     if not fused:  # z's parameters are not read: pass no pointer (plain BN's launch unchanged)
         weight_arg = bias_arg = residual = r_view = None
@@ -248,25 +248,32 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
 
     if param_dtype is None:
         param_dtype = weight.dtype if weight is not None else x.dtype
-    sums = torch.empty((2, C), dtype=partial.dtype, device=x.device)
+    sums = fresh(torch.empty((2, C), dtype=partial.dtype, device=x.device))
     # Unused outputs are None, never another buffer (see combine._combine).
-    d_weight = torch.empty(C, dtype=param_dtype, device=x.device) if grad_weight else None
-    d_bias = torch.empty(C, dtype=param_dtype, device=x.device) if grad_bias else None
-    if view.channels_last:
-        grid = lambda meta: (cdiv(C, meta["BLOCK_K"]), split.num)  # noqa: E731
-    else:
-        grid = (C, split.num)
-    _PARTIAL((view[1:], dy_view[1:], split.num, tensor_key(x, dy, mean, stat, weight_arg, bias_arg, residual),
-              None if r_view is None else r_view[1:], activation, from_output, stat_is_var, param_dtype,
-              grad_weight, grad_bias), grid, (
-        x, dy, residual, mean, stat, weight_arg, bias_arg, partial, view.N, view.Q, view.K, C,
-        *view.strides, *dy_view.strides, *(view.strides if r_view is None else r_view.strides),
-        split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
-        float(eps), *split_float(negative_slope), _tickets(x.device, C), sums, d_weight, d_bias,
-    ), dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), STAT_IS_VAR=stat_is_var,
-            HAS_WEIGHT=weight_arg is not None, HAS_BIAS=bias_arg is not None, ACTIVATION=activation,
-            HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused,
-            HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias, **addressing(view, dy_view, r_view)))
+    d_weight = fresh(torch.empty(C, dtype=param_dtype, device=x.device)) if grad_weight else None
+    d_bias = fresh(torch.empty(C, dtype=param_dtype, device=x.device)) if grad_bias else None
+    key = (view[1:], dy_view[1:], split.num, tensor_key(x, dy, mean, stat, weight_arg, bias_arg, residual),
+           None if r_view is None else r_view[1:], activation, from_output, stat_is_var, param_dtype,
+           grad_weight, grad_bias, eps, negative_slope)
+    tickets = _tickets(x.device, C)
+    tensors = tuple(t for t in (x, dy, residual, mean, stat, weight_arg, bias_arg, partial, tickets, sums, d_weight,
+                                d_bias) if t is not None)
+
+    def build():
+        if view.channels_last:
+            grid = lambda meta: (cdiv(C, meta["BLOCK_K"]), split.num)  # noqa: E731
+        else:
+            grid = (C, split.num)
+        args = (x, dy, residual, mean, stat, weight_arg, bias_arg, partial, view.N, view.Q, view.K, C,
+                *view.strides, *dy_view.strides, *(view.strides if r_view is None else r_view.strides),
+                split.rows_per_split, split.cols_per_split, split.splits_k, split.num * C,
+                float(eps), *split_float(negative_slope), tickets, sums, d_weight, d_bias)
+        constexprs = dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), STAT_IS_VAR=stat_is_var,
+                          HAS_WEIGHT=weight_arg is not None, HAS_BIAS=bias_arg is not None, ACTIVATION=activation,
+                          HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused,
+                          HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias, **addressing(view, dy_view, r_view))
+        return grid, args, constexprs, ()
+    _PARTIAL.run(key, tensors, build)
     return sums, d_weight, d_bias
 
 
@@ -280,8 +287,8 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     With ``grad_residual`` returns (dx, dresidual), dresidual = dz = dy * act'(z) (dx's strides)."""
     x = view.tensor
     C = view.C
-    dx = empty_output(view)
-    dr = empty_output(view) if grad_residual else None
+    dx = fresh(empty_output(view))
+    dr = fresh(empty_output(view)) if grad_residual else None
     dy_view = nqk_view(dy, view.channels_last)
     dx_view = view._replace(tensor=dx) if dense(x) else nqk_view(dx, view.channels_last)
     fused = activation != 0 or from_output
@@ -291,16 +298,20 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     sums = sums if training else None
     key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var,
            tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr),
-           None if r_view is None else r_view[1:], activation, from_output)
-    _DX(key, elementwise_grid(view), (
-        x, dy, dx, residual, dr, mean, stat, weight, bias, sums,
-        view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
-        *(view.strides if r_view is None else r_view.strides),
-        *split_float(inv_count), float(eps), *split_float(negative_slope),
-    ), dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
-            CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,
-            ACTIVATION=activation, HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output,
-            WRITE_DRESIDUAL=grad_residual, FUSED=fused, **addressing(view, dy_view, dx_view, r_view)))
+           None if r_view is None else r_view[1:], activation, from_output, inv_count, eps, negative_slope)
+    tensors = tuple(t for t in (x, dy, dx, residual, dr, mean, stat, weight, bias, sums) if t is not None)
+
+    def build():
+        args = (x, dy, dx, residual, dr, mean, stat, weight, bias, sums,
+                view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
+                *(view.strides if r_view is None else r_view.strides),
+                *split_float(inv_count), float(eps), *split_float(negative_slope))
+        constexprs = dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
+                          CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,
+                          ACTIVATION=activation, HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output,
+                          WRITE_DRESIDUAL=grad_residual, FUSED=fused, **addressing(view, dy_view, dx_view, r_view))
+        return elementwise_grid(view), args, constexprs, ()
+    _DX.run(key, tensors, build)
     return (dx, dr) if grad_residual else dx
 
 

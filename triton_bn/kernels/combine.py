@@ -33,10 +33,12 @@ def _combine_channels(
     mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     momentum_hi, momentum_lo, eps,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, COUNT_PENDING: tl.constexpr,
 ):
     """Merge the P groups of ``channels`` (a vector) and write their statistics: the body of
-    the combine kernel, and of the statistics kernel's last program per channel (stats.py)."""
+    the combine kernel, and of the statistics kernel's last program per channel (stats.py).
+    COUNT_PENDING: this launch increments the step counter after every combine has read it,
+    so the cumulative factor is 1 / (counter + 1)."""
     acc_dtype = partial_ptr.dtype.element_ty
     # The groups' pivots agree for the splits of one input; groups from different ranks differ,
     # so all are re-shifted to one common pivot (a sample value of a non-empty group: the
@@ -84,7 +86,7 @@ def _combine_channels(
         tl.store(moments_ptr + 3 * C + channels, pivot, mask=channel_mask)
     if UPDATE_RUNNING:
         if CUMULATIVE_AVERAGE:
-            factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
+            factor = 1.0 / (tl.load(num_batches_tracked_ptr) + COUNT_PENDING).to(acc_dtype)
         else:
             factor = _wide_scalar(momentum_hi, momentum_lo, acc_dtype)
         unbiased_var = m2 / (count - 1.0)
@@ -128,7 +130,7 @@ def _bn_stats_combine_kernel(
     channel_mask = channels < C
     _combine_channels(partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
                       mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-                      momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, WRITE_MOMENTS, BLOCK_P)
+                      momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, WRITE_MOMENTS, BLOCK_P, False)
 
 
 _COMBINE = Launch(_bn_stats_combine_kernel)

@@ -7,20 +7,26 @@ work once per *plan key*, which its caller builds from what the launch depends o
 
     the [N, Q, K] geometry (shape, strides, orientation) and split -> every int argument
     each tensor's dtype and 16-byte alignment (or None)            -> Triton's specialization
-    the constexpr flags                                            -> the compiled variant
+    the constexpr flags and float arguments                        -> the compiled variant, the rest
 
 The first call of a key goes through Triton as usual (autotuning on a new key, compiling,
-``TRITON_BN_PIN_CONFIG``, a tuning file), then records the compiled kernel, the config the
-autotuner chose, the grid it implies and the constexpr tail of the argument list. Later calls
-pass the runtime arguments straight to the compiled kernel's launcher.
+``TRITON_BN_PIN_CONFIG``, a tuning file), then records a ``_Plan``: the compiled kernel, the
+config the autotuner chose, the grid it implies, the argument list with the tensors' slots
+and the constexpr tail. Later calls (``Launch.run``) compute only the key, then pass the
+call's tensors straight to the compiled kernel's C launcher. Under the interpreter a plan
+calls the interpreted kernel with the recorded config, so the same bookkeeping runs (and is
+tested) on the CPU.
 
-The direct path is skipped (Triton's path taken every time) under the interpreter, where
-there is no compiled kernel, and while a Triton launch hook is installed (profilers such as
-proton read launch metadata that only Triton's path builds).
+Triton's path is taken every time while a Triton launch hook is installed (profilers such as
+proton read launch metadata that only Triton's path builds), and while the resource report
+records launches (``direct = False``). replay.py builds on the plans: a whole launcher call
+replayed from its recorded plans.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import functools
+import threading
+from typing import Callable, Dict, Optional
 
 import torch
 from triton import knobs
@@ -30,26 +36,163 @@ from triton.runtime.autotuner import Autotuner
 from .tuning import interpreting
 
 _ALL_LAUNCHES: list = []
+_CLEAR_HOOKS: list = []
+
+
+def current_device():
+    """The device Triton launches on (None under the interpreter, which has no driver)."""
+    return None if interpreting() else driver.active.get_current_device()
+
+
+def current_stream(device):
+    return 0 if interpreting() else driver.active.get_current_stream(device)
+
+
+def launch_hooks() -> bool:
+    """Whether a Triton launch hook is installed (Triton >= 3.5 keeps an empty HookChain):
+    profilers such as proton read launch metadata that only Triton's own launch path builds."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+# What a launcher call launched, while replay.py records one (None otherwise). One thread
+# records at a time; launches of other threads (nn.DataParallel) are not its own.
+recording: Optional["_Recording"] = None
+_NOT_REPLAYABLE = object()
+
+
+class _Recording:
+    def __init__(self, arguments: list):
+        self.arguments = arguments  # the call's tensor arguments, in order
+        self.fresh: list = []  # tensors the launcher allocated, in order
+        self.scratch: list = []  # (tensor, how to get the current stream's one)
+        self.steps: list = []  # (plan, tensors)
+        self.complete = True
+        self.thread = threading.get_ident()
+
+
+def _recording() -> Optional[_Recording]:
+    return recording if recording is not None and recording.thread == threading.get_ident() else None
+
+
+def fresh(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark ``tensor`` as newly allocated by the launcher (its contents written by kernels)."""
+    if recording is not None and _recording():
+        recording.fresh.append(tensor)
+    return tensor
+
+
+def stream_scratch(tensor: torch.Tensor, get: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """Mark ``tensor`` as a per-stream scratch buffer; a replay calls ``get(*args)`` for the
+    current stream's (which marks nothing: no recording is active then)."""
+    if recording is not None and _recording():
+        recording.scratch.append((tensor, functools.partial(get, *args)))
+    return tensor
+
+
+def record_launch(plan, tensors: tuple) -> None:
+    """``plan`` (None: one no replay can repeat) launched with ``tensors``."""
+    if recording is not None and _recording():
+        if plan is None:
+            recording.complete = False
+        else:
+            recording.steps.append((plan, tensors))
 
 
 def tensor_key(*tensors: Optional[torch.Tensor]) -> tuple:
     """What Triton specializes a pointer on: presence, dtype and 16-byte alignment."""
-    return tuple(None if t is None else (t.dtype, t.data_ptr() & 15 == 0) for t in tensors)
+    return tuple([None if t is None else (t.dtype, t.data_ptr() & 15 == 0) for t in tensors])
+
+
+class _Plan:
+    """A recorded launch: the kernel, its grid, the argument list with the tensors' positions
+    (``slots``) left to fill per call, and the constexpr tail."""
+
+    __slots__ = ("grid", "template", "slots", "tail", "go")
+
+    def __init__(self, kernel, jit, grid3, args, tail, tail_names):
+        self.grid, self.tail = grid3, tail
+        self.slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        self.template = [None if i in self.slots else a for i, a in enumerate(args)]  # holds no tensor
+        if kernel is None:  # the interpreter: the Python kernel with the recorded config
+            constexprs = dict(zip(tail_names, tail))
+            self.go = lambda stream, args: jit[grid3](*args[:len(args) - len(tail)], **constexprs)
+        else:
+            self.go = _c_launcher(kernel, grid3) or _triton_launcher(kernel, grid3)
+
+    def launch(self, stream, args) -> None:
+        """Launch with the full positional argument list (the constexpr tail excluded)."""
+        self.go(stream, (*args, *self.tail))
+
+    def launch_tensors(self, stream, tensors) -> None:
+        """Launch with this call's tensors in the recorded slots; every other argument as
+        recorded (the plan key fixes them)."""
+        args = self.template.copy()
+        for slot, tensor in zip(self.slots, tensors):
+            args[slot] = tensor
+        self.go(stream, (*args, *self.tail))
+
+
+def _triton_launcher(kernel, grid3):
+    x, y, z = grid3
+
+    def go(stream, args):
+        kernel.run(x, y, z, stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+    return go
+
+
+def _c_launcher(kernel, grid3):
+    """Triton's C launch function bound to this kernel, or None (then ``kernel.run``).
+
+    ``kernel.run`` (the CudaLauncher) is a Python function that allocates global and profile
+    scratch and handles GSan on every call, then calls its C ``launch``; for a kernel that needs
+    neither scratch nor GSan that wrapper is ~1.4 us of host time per launch (stub-driver
+    benchmark), half of the launch. Its attributes are Triton-internal: any difference from
+    the expected ones keeps Triton's own path."""
+    run = getattr(kernel, "run", None)
+    needed = ("launch", "global_scratch_size", "profile_scratch_size", "gsan_enabled", "launch_cooperative_grid",
+              "launch_pdl", "arg_annotations", "kernel_signature")
+    if run is None or not all(hasattr(run, name) for name in needed):
+        return None
+    if run.global_scratch_size or run.profile_scratch_size or run.gsan_enabled:
+        return None
+    c_launch, function, metadata = run.launch, kernel.function, kernel.packed_metadata
+    cooperative, pdl, annotations, signature = (run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
+                                                run.kernel_signature)
+    x, y, z = grid3
+
+    def go(stream, args):
+        c_launch(x, y, z, stream, function, cooperative, pdl, metadata, None, None, None, None, None, annotations,
+                 signature, args)
+    return go
 
 
 class Launch:
-    """One kernel (plain or autotuned) with its compiled variants by plan key."""
+    """One kernel (plain or autotuned) with its plans by key."""
 
     def __init__(self, fn):
         self.fn = fn
         self.jit = fn.fn if isinstance(fn, Autotuner) else fn
         self.names = self.jit.arg_names
-        self.plans: Dict[tuple, Tuple] = {}
+        self.plans: Dict[tuple, _Plan] = {}
         self.seen: set = set()  # keys already tuned on scratch arguments
-        # Compiled kernels exist to be launched directly unless the interpreter runs them (the
-        # resource report also turns it off while it records launches).
-        self.direct = not interpreting()
+        self.direct = True  # plans are recorded and used (the resource report turns it off)
         _ALL_LAUNCHES.append(self)
+
+    def run(self, key: tuple, tensors: tuple, build) -> None:
+        """The launchers' path: when ``key`` has a plan, launch it with ``tensors`` (the
+        launch's tensor arguments, in order, None ones left out) and nothing else computed;
+        otherwise ``build()`` -> (grid, args, constexprs, scratch) and launch as ``__call__``.
+        The key must fix every non-tensor argument."""
+        if self.direct and not launch_hooks():
+            device = current_device()
+            plan = self.plans.get((device, key))
+            if plan is not None:
+                plan.launch_tensors(current_stream(device), tensors)
+                record_launch(plan, tensors)
+                return
+        grid, args, constexprs, scratch = build()
+        record_launch(self._first(key, grid, args, constexprs, scratch), tensors)
 
     def __call__(self, key: tuple, grid, args: tuple, constexprs: dict, scratch: tuple = ()) -> None:
         """Launch with positional runtime ``args`` (the kernel's leading parameters) and keyword
@@ -58,36 +201,35 @@ class Launch:
         ``scratch``: indices of arguments the kernel updates in place (running statistics).
         The first call of a key runs once on clones of them, so that an autotuner, which runs
         every candidate several times, only ever moves the clones; then once for real."""
+        record_launch(None, ())  # a launch no replay (replay.py) repeats
+        if self.direct and not launch_hooks():
+            device = current_device()
+            plan = self.plans.get((device, key))
+            if plan is not None:
+                plan.launch(current_stream(device), args)
+                return
+        self._first(key, grid, args, constexprs, scratch)
+
+    def _first(self, key, grid, args, constexprs, scratch) -> Optional[_Plan]:
+        """Triton's own launch (tuning, compiling); records and returns the plan (direct mode)."""
         if scratch and key not in self.seen:
             self.seen.add(key)
             self.fn[grid](*(a.clone() if i in scratch else a for i, a in enumerate(args)), **constexprs)
-        if not self.direct:
-            self.fn[grid](*args, **constexprs)
-            return
-        device = driver.active.get_current_device()  # Triton launches on the current device
-        key = (device, key)
-        plan = self.plans.get(key)
-        if plan is not None and not _launch_hooks():
-            kernel, grid3, tail = plan
-            kernel.run(grid3[0], grid3[1], grid3[2], driver.active.get_current_stream(device), kernel.function,
-                       kernel.packed_metadata, None, None, None, *args, *tail)
-            return
         kernel = self.fn[grid](*args, **constexprs)
-        if kernel is None or not hasattr(kernel, "packed_metadata"):
-            return
+        if not self.direct:
+            return None
+        if not interpreting() and (kernel is None or not hasattr(kernel, "packed_metadata")):
+            return None
         meta = dict(constexprs)
         if isinstance(self.fn, Autotuner):
             meta.update(self.fn.best_config.all_kwargs())
         grid3 = tuple(grid(meta)) if callable(grid) else tuple(grid)
         grid3 = grid3 + (1,) * (3 - len(grid3))
-        tail = tuple(meta[name] for name in self.names[len(args):])
-        self.plans[key] = (kernel, grid3, tail)
-
-
-def _launch_hooks() -> bool:
-    """Whether a Triton launch hook is installed (Triton >= 3.5 keeps an empty HookChain)."""
-    hook = knobs.runtime.launch_enter_hook
-    return hook is not None and bool(getattr(hook, "calls", True))
+        tail_names = self.names[len(args):]
+        plan = _Plan(None if interpreting() else kernel, self.jit, grid3, args,
+                     tuple(meta[name] for name in tail_names), tail_names)
+        self.plans[(current_device(), key)] = plan
+        return plan
 
 
 def all_launches() -> list:
@@ -99,5 +241,12 @@ def clear_plans() -> None:
     for launch in _ALL_LAUNCHES:
         launch.plans.clear()
         launch.seen.clear()
+    for hook in _CLEAR_HOOKS:
+        hook()
+
+
+def on_clear(hook: Callable[[], None]) -> None:
+    """Call ``hook`` whenever the plans are cleared (replay.py's recordings hold plans)."""
+    _CLEAR_HOOKS.append(hook)
 
 

@@ -21,7 +21,7 @@ from .activation import _activation
 from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
                       _tile_offsets, _wide_scalar, split_float)
 from .stats import tl_dtype
-from .launch import Launch, tensor_key
+from .launch import Launch, fresh, tensor_key
 from .tuning import autotune_tiles, cdiv
 from .view import addressing, NQKView, dense, empty_output, mergeable, nqk_view
 
@@ -95,24 +95,32 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
     ``stat`` is invstd, or the running variance when ``stat_is_var`` (eval mode; then eps is used).
     ``activation``: a code of activation.py; ``residual``: x's shape, any strides."""
     x = view.tensor
-    y = empty_output(view) if out is None else out
+    y = fresh(empty_output(view)) if out is None else out
     same_strides = out is None and dense(x)  # then y's view is x's
-    y_view = view._replace(tensor=y) if same_strides else nqk_view(y, view.channels_last)
-    residual = None if residual is None else mergeable(residual)
-    r_view = None if residual is None else nqk_view(residual, view.channels_last)
-    # y is fresh (aligned) unless given; its geometry is part of the key either way.
-    key = (view[1:], y_view[1:], stat_is_var, tensor_key(x, mean, stat, weight, bias, residual),
-           True if out is None else out.data_ptr() & 15 == 0, activation,
-           None if r_view is None else r_view[1:])
+    y_geometry = view[1:] if same_strides else nqk_view(y, view.channels_last)[1:]
+    r_view = None
+    if residual is not None:
+        residual = mergeable(residual)
+        r_view = nqk_view(residual, view.channels_last)
     # In place, a key the autotuner has not seen would be benchmarked by launching every
     # candidate config several times, each normalizing the previous one's output: the first
     # call of the key runs on a scratch output first (Launch's scratch).
     in_place = out is not None and out.data_ptr() == x.data_ptr()
-    _NORMALIZE(key, _elementwise_grid(view.N * view.Q, view.K), (
-        x, residual, y, mean, stat, weight, bias,
-        view.N, view.Q, view.K, *view.strides, *(view.strides if r_view is None else r_view.strides),
-        *y_view.strides, float(eps), *split_float(negative_slope),
-    ), _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last, x.dtype,
-                             activation, residual is not None, *addressing(view, y_view, r_view).values()),
-               scratch=(_Y_ARG,) if in_place else ())
+    # y is fresh (aligned) unless given; its geometry is part of the key either way.
+    key = (view[1:], y_geometry, stat_is_var, tensor_key(x, mean, stat, weight, bias, residual),
+           True if out is None else out.data_ptr() & 15 == 0, activation, None if r_view is None else r_view[1:],
+           eps, negative_slope, in_place)
+    tensors = (x, y, mean, stat) if weight is None and bias is None and residual is None else \
+        tuple(t for t in (x, residual, y, mean, stat, weight, bias) if t is not None)
+
+    def build():
+        y_view = NQKView(y, *y_geometry)
+        args = (x, residual, y, mean, stat, weight, bias, view.N, view.Q, view.K, *view.strides,
+                *(view.strides if r_view is None else r_view.strides), *y_view.strides, float(eps),
+                *split_float(negative_slope))
+        constexprs = _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last,
+                                           x.dtype, activation, residual is not None,
+                                           *addressing(view, y_view, r_view).values())
+        return _elementwise_grid(view.N * view.Q, view.K), args, constexprs, (_Y_ARG,) if in_place else ()
+    _NORMALIZE.run(key, tensors, build)
     return y

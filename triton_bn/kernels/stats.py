@@ -31,7 +31,7 @@ from triton.runtime import driver
 from .helpers import (_channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
                       _split_bounds, _tile_offsets, split_float)
 from .combine import _combine_channels
-from .launch import Launch, tensor_key
+from .launch import Launch, fresh, stream_scratch, tensor_key
 from .tuning import autotune_tiles, cdiv, stats_splits
 from .view import NQKView, _addressing
 
@@ -45,12 +45,13 @@ def _bn_stats_partial_kernel(
     x_n_stride, x_q_stride, x_k_stride,
     rows_per_split, cols_per_split, splits_k,
     partial_field_stride,  # P * C
-    tickets_ptr,  # [programs along axis 0] int32, zero between calls (COMBINE)
+    tickets_ptr,  # [programs along axis 0 + 1] int32, zero between calls (COMBINE)
     mean_ptr, invstd_ptr,  # [C] out (COMBINE): batch mean, 1 / sqrt(biased var + eps)
     running_mean_ptr, running_var_ptr,  # [C] updated in place (COMBINE and UPDATE_RUNNING)
-    num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
+    num_batches_tracked_ptr,  # [] int64 step counter, incremented once (COUNT_STEP)
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
-    COMBINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    COMBINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    COUNT_STEP: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,  # momentum = 1 / (counter + 1)
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -108,8 +109,16 @@ def _bn_stats_partial_kernel(
                               mean_ptr, invstd_ptr, None, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
                               UPDATE_RUNNING, CUMULATIVE_AVERAGE, False,
-                              BLOCK_R if CHANNELS_LAST else BLOCK_R * BLOCK_K)
+                              BLOCK_R if CHANNELS_LAST else BLOCK_R * BLOCK_K, COUNT_STEP)
             _release_ticket(tickets_ptr, pid_c)
+            if COUNT_STEP:
+                # The step counter moves once per call, in this launch (no separate add_ kernel):
+                # the last channel block to combine increments it, after every block has read
+                # it (each read precedes its block's release of the shared ticket).
+                channel_blocks = tl.num_programs(0)
+                if tl.atomic_add(tickets_ptr + channel_blocks, 1) == channel_blocks - 1:
+                    tl.atomic_add(num_batches_tracked_ptr, 1)
+                    _release_ticket(tickets_ptr, channel_blocks)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,49 +160,63 @@ def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tenso
     partial = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
     _PARTIAL((key, False, x.data_ptr() & 15), grid,
              (x, partial, *ints, None, None, None, None, None, None, 0.0, 0.0, 0.0),
-             dict(constexprs, COMBINE=False, UPDATE_RUNNING=False, CUMULATIVE_AVERAGE=False))
+             dict(constexprs, COMBINE=False, UPDATE_RUNNING=False, COUNT_STEP=False, CUMULATIVE_AVERAGE=False))
     return partial
 
 
 def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = None,
-             running_var: Optional[torch.Tensor] = None, momentum: float = 0.1,
+             running_var: Optional[torch.Tensor] = None, momentum: Optional[float] = 0.1,
              num_batches_tracked: Optional[torch.Tensor] = None, splits: Optional[int] = None):
     """(save_mean, save_invstd) in one launch: the partial pass, whose last program per
     channel (block) combines; running statistics (contiguous) updated in place, exactly once.
 
-    ``num_batches_tracked`` (a device counter, already incremented) replaces ``momentum`` by
-    the cumulative-average factor 1 / num_batches_tracked without a host sync. The first call
+    ``num_batches_tracked``: the step counter, incremented by this launch (exactly once);
+    ``momentum=None`` replaces momentum by the cumulative-average factor 1 / (its new value),
+    read on the device (no host sync). The first call
     of a shape autotunes on scratch copies of the running statistics, so benchmarking the
     candidates never moves the real ones."""
     x = view.tensor
     geometry_key = (view[1:], x.dtype, x.device, splits)
     shape, grid, ints, constexprs = _partial_spec(*geometry_key)
     acc = acc_dtype(x.dtype)
-    partial = torch.empty(shape, dtype=acc, device=x.device)
-    mean = torch.empty(shape[2], dtype=acc, device=x.device)
-    invstd = torch.empty(shape[2], dtype=acc, device=x.device)
+    partial = fresh(torch.empty(shape, dtype=acc, device=x.device))
+    mean = fresh(torch.empty(shape[2], dtype=acc, device=x.device))
+    invstd = fresh(torch.empty(shape[2], dtype=acc, device=x.device))
     update = running_mean is not None
-    cumulative = num_batches_tracked is not None
-    key = (geometry_key, True, update, cumulative,
-           tensor_key(x, running_mean, running_var, num_batches_tracked))
-    _PARTIAL(key, grid, (x, partial, *ints, _tickets(x.device, shape[2]), mean, invstd, running_mean, running_var,
-                         num_batches_tracked, *split_float(momentum), float(eps)),
-             _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"], constexprs["DENSE_ROWS"],
-                               constexprs["INDEX_64"], update, cumulative),
-             scratch=(_RUNNING_MEAN_ARG, _RUNNING_VAR_ARG) if update else ())
+    count = num_batches_tracked is not None
+    cumulative = momentum is None
+    if cumulative and not (count and update):
+        raise ValueError("bn_stats: momentum=None (cumulative average) needs the running statistics and "
+                         "num_batches_tracked")
+    key = (geometry_key, True, update, count, tensor_key(x, running_mean, running_var, num_batches_tracked),
+           momentum, eps)
+    tickets = _tickets(x.device, shape[2] + 1)  # one per channel block, one for the step counter
+    tensors = tuple(t for t in (x, partial, tickets, mean, invstd, running_mean, running_var, num_batches_tracked)
+                    if t is not None)
+
+    def build():
+        args = (x, partial, *ints, tickets, mean, invstd, running_mean, running_var, num_batches_tracked,
+                *split_float(0.0 if cumulative else momentum), float(eps))
+        return grid, args, _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"],
+                                             constexprs["DENSE_ROWS"], constexprs["INDEX_64"], update, count,
+                                             cumulative), \
+            tuple(i for i, t in zip(_MUTATED_ARGS, (running_mean, running_var, num_batches_tracked)) if t is not None)
+    _PARTIAL.run(key, tensors, build)
     return mean, invstd
 
 
 _PARTIAL = Launch(_bn_stats_partial_kernel)
-_RUNNING_MEAN_ARG = _PARTIAL.names.index("running_mean_ptr")
-_RUNNING_VAR_ARG = _PARTIAL.names.index("running_var_ptr")
+# Updated in place: the first call of a key tunes on clones of them (Launch's scratch).
+_MUTATED_ARGS = tuple(_PARTIAL.names.index(name)
+                      for name in ("running_mean_ptr", "running_var_ptr", "num_batches_tracked_ptr"))
 _TICKETS: dict = {}
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_constexprs(channels_last, acc, dense_rows: bool, index_64: bool, update: bool, cumulative: bool) -> dict:
+def _fused_constexprs(channels_last, acc, dense_rows: bool, index_64: bool, update: bool, count: bool,
+                      cumulative: bool) -> dict:
     return dict(CHANNELS_LAST=channels_last, ACC_DTYPE=acc, DENSE_ROWS=dense_rows, INDEX_64=index_64, COMBINE=True,
-                UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative)
+                UPDATE_RUNNING=update, COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative)
 
 
 def _tickets(device: torch.device, programs: int) -> torch.Tensor:
@@ -206,4 +229,4 @@ def _tickets(device: torch.device, programs: int) -> torch.Tensor:
     if tickets is None or tickets.numel() < programs:
         tickets = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
         _TICKETS[(device, stream)] = tickets
-    return tickets
+    return stream_scratch(tickets, _tickets, device, programs)
