@@ -18,10 +18,10 @@ import sys
 import pytest
 import torch
 
-from triton_bn.kernels.tuning import TILE_CONFIGS
+from triton_bn.kernels.tuning import TILE_CONFIGS, prune_tile_configs
 from triton_bn.report import compile_jobs, run_jobs, tools_missing
 from triton_bn.report.launches import _specialize
-from triton_bn.report.machine_code import occupancy, ptx_width, sass_width
+from triton_bn.report.machine_code import integer_divisions, occupancy, ptx_width, sass_width
 
 MISSING = tools_missing()
 needs_tools = pytest.mark.skipif(MISSING is not None, reason=f"no GPU compiler tools: {MISSING}")
@@ -95,6 +95,60 @@ def test_shipped_configs_do_not_spill_and_move_tiles_128_bits_at_a_time():
     assert not narrow, "tile accesses narrower than 128 bits:\n" + "\n".join(narrow)
 
 
+FLAT_LAYOUTS = ("NCHW-S49", "NCHW-S196", "NHWC-C3")
+
+
+def _first_config_per_tile_size():
+    """What a GPU's pruning keeps for a flat launch (tuning.prune_tile_configs). Computed here:
+    compile_jobs marks ``kept`` by this process's rules, which are the interpreter's under pytest."""
+    first = {}
+    for c in TILE_CONFIGS:
+        first.setdefault(c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_K"], _config_key(c.kwargs.items(), c.num_warps))
+    return set(first.values())
+
+
+FLAT_CONFIGS = _first_config_per_tile_size()
+
+
+@functools.lru_cache(maxsize=None)
+def _flat_jobs():
+    """normalize and backward_dx (train and eval) where their rows are not 16-byte multiples
+    (NCHW 7x7 and 14x14, channels-last C = 3; fp32 and fp16): one kept config per case,
+    rotating, so every config the pruning keeps for a flat launch is compiled somewhere."""
+    groups = {}
+    for job in compile_jobs(archs=(90,), dtypes=("fp32", "fp16"), layouts=FLAT_LAYOUTS, kernels=sorted(ELEMENTWISE)):
+        if _config_key(job.config, job.num_warps) in FLAT_CONFIGS:
+            groups.setdefault((job.name, job.variant, job.layout, job.dtype), []).append(job)
+    return tuple(group[i % len(group)] for i, (_, group) in enumerate(sorted(groups.items())))
+
+
+def test_flat_launches_are_recorded(monkeypatch):
+    monkeypatch.setenv("TRITON_BN_INTERPRET_GPU_PRUNING", "1")
+    monkeypatch.delenv("TRITON_BN_PIN_CONFIG", raising=False)
+    assert {_config_key(c.kwargs.items(), c.num_warps)
+            for c in prune_tile_configs(TILE_CONFIGS, {"K": 49}, FLAT=True)} == FLAT_CONFIGS
+    jobs = _flat_jobs()
+    assert {(j.name, j.variant, j.layout, j.dtype) for j in jobs} == {
+        (name, variant, layout, dtype) for name in ELEMENTWISE for variant in ("train", "eval")
+        for layout in FLAT_LAYOUTS for dtype in ("fp32", "fp16")}
+    assert all(dict(j.constexprs)["FLAT"] for j in jobs)
+    configs = {_config_key(j.config, j.num_warps) for j in jobs}
+    assert len(configs) == len({dict(c)["BLOCK_R"] * dict(c)["BLOCK_K"] for c, _ in configs}) > 1
+
+
+@needs_tools
+def test_flat_launches_move_tiles_128_bits_at_a_time_without_divisions():
+    """The flat walk vectorizes rows of 49, 196 and 3 elements, and its channel index
+    (i // S) % C compiles to multiply-high sequences: no div/rem instruction in the PTX."""
+    rows = run_jobs(list(_flat_jobs()), workers=1, sass=False)
+    failed = [f"{_describe(r)}\n{r['error']}" for r in rows if "error" in r]
+    assert not failed, "compilation failed:\n" + "\n".join(failed)
+    bad = [f"{_describe(r)} spill={r['spill_bytes']} int_divisions={r['int_divisions']}" for r in rows
+           if r["spill_bytes"] or r["int_divisions"] or r["tile_ldg_count"] == 0 or r["tile_stg_count"] == 0
+           or r["tile_ldg_min"] != 128 or r["tile_stg_min"] != 128]
+    assert not bad, "flat launches that spill, divide or access tiles narrower than 128 bits:\n" + "\n".join(bad)
+
+
 @needs_tools
 def test_sass_widths_agree_with_ptx():
     """The cheap PTX reading used above is what ptxas emits: same widths and counts in SASS."""
@@ -138,6 +192,12 @@ def test_access_width_parsing():
                                       "LDG.E.EL.128", "LDG.E.U8")] == [128, 64, 32, 16, 128, 128, 8]
     assert [ptx_width(s) for s in (".v4.b32", ".v2.b32", ".b32", ".b16", ".L1::evict_last.v4.b32",
                                    ".v8.b16", ".v2.b64")] == [128, 64, 32, 16, 128, 128, 128]
+
+
+def test_integer_division_count():
+    ptx = ("\tdiv.s32 \t%r1, %r2, %r3;\n\tmul.hi.s32 \t%r4, %r1, 1402438301;\n"
+           "\t@%p1 rem.u64 \t%rd1, %rd2, %rd3;\n\tdiv.rn.f32 \t%f1, %f2, %f3;\n\tdiv.full.f32 %f4, %f5, %f6;")
+    assert integer_divisions(ptx) == 2  # float divisions are not counted
 
 
 def test_occupancy_estimate():

@@ -185,7 +185,7 @@ def test_stale_entries_are_named_and_skipped_the_rest_applied(tmp_path):
                 f"{KERNELS[2]} {key_text} (config BLOCK_R=3, BLOCK_K=64, num_warps={_tile(1)['num_warps']} "
                 "is not among its candidates); "
                 f"{KERNELS[1]} {key_text} (the kernel's autotune key is now "
-                "['N', 'Q', 'K', 'CHANNELS_LAST', 'STAT_IS_VAR'], the file's is ['N', 'Q', 'K'])")
+                "['N', 'Q', 'K', 'CHANNELS_LAST', 'STAT_IS_VAR', 'FLAT'], the file's is ['N', 'Q', 'K'])")
     with pytest.warns(TuningWarning) as warned:
         report = use_tuning(path)
     assert [str(w.message) for w in warned] == [expected]

@@ -27,13 +27,13 @@ import triton
 import triton.language as tl
 
 from .activation import _recompute
-from .helpers import (_along_channel_axis, _elementwise_tile, _last_of_channel, _load_channel_param,
-                      _load_channel_stats, _release_ticket,
+from .helpers import (_along_channel_axis, _elementwise_offsets, _elementwise_tile, _last_of_channel,
+                      _load_channel_param, _load_channel_stats, _release_ticket,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
 from .launch import Launch, fresh, tensor_key
 from .stats import _tickets, acc_dtype, tl_dtype
-from .tuning import autotune_tiles, cdiv, stats_splits
+from .tuning import autotune_tiles, cdiv, flat_walk, stats_splits
 from .view import NQKView, addressing, dense, empty_output, nqk_view
 
 
@@ -156,7 +156,7 @@ def _combine_sums(partial_ptr, P, C, channels, channel_mask, mean_ptr, stat_ptr,
         tl.store(grad_bias_ptr + channels, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=channel_mask)
 
 
-@autotune_tiles("TRAINING", "STAT_IS_VAR")
+@autotune_tiles("TRAINING", "STAT_IS_VAR", "FLAT")
 @triton.jit
 def _bn_backward_dx_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, Q, K] views, strides {x,dy,dx}_{n,q,k}_stride (x_ptr: y when FROM_OUTPUT)
@@ -178,34 +178,41 @@ def _bn_backward_dx_kernel(
     WRITE_DRESIDUAL: tl.constexpr,
     FUSED: tl.constexpr,  # ACTIVATION != 0 or FROM_OUTPUT
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    # FLAT: every tensor above is dense with x's strides and is walked as one flat [N*Q*K] array
+    FLAT: tl.constexpr, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr,  # (helpers._flat_tile)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
+    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, FLAT, FLAT_INNER, FLAT_C,
+                                                                 INDEX_64, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
     gamma = _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
     a = invstd * gamma
 
-    dy_offsets = _tile_offsets(rows, cols, 0, Q, dy_n_stride, dy_q_stride, dy_k_stride, True, DENSE_ROWS, INDEX_64)
-    dx_offsets = _tile_offsets(rows, cols, 0, Q, dx_n_stride, dx_q_stride, dx_k_stride, True, DENSE_ROWS, INDEX_64)
+    dy_offsets = _elementwise_offsets(rows, cols, Q, dy_n_stride, dy_q_stride, dy_k_stride, FLAT,
+                                      DENSE_ROWS, INDEX_64)
+    dx_offsets = _elementwise_offsets(rows, cols, Q, dx_n_stride, dx_q_stride, dx_k_stride, FLAT,
+                                      DENSE_ROWS, INDEX_64)
     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     if FUSED:
         beta = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)
-        x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True, DENSE_ROWS, INDEX_64)
+        x_offsets = _elementwise_offsets(rows, cols, Q, x_n_stride, x_q_stride, x_k_stride, FLAT,
+                                         DENSE_ROWS, INDEX_64)
         v = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         r = v
         if HAS_RESIDUAL:
-            r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True, DENSE_ROWS, INDEX_64)
+            r_offsets = _elementwise_offsets(rows, cols, Q, r_n_stride, r_q_stride, r_k_stride, FLAT,
+                                             DENSE_ROWS, INDEX_64)
             r = tl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        fused_xmu, act_grad = _recompute(v, r, _along_channel_axis(mean, CHANNELS_LAST),
-                                         _along_channel_axis(invstd, CHANNELS_LAST),
-                                         _along_channel_axis(gamma, CHANNELS_LAST),
-                                         _along_channel_axis(beta, CHANNELS_LAST),
+        fused_xmu, act_grad = _recompute(v, r, _along_channel_axis(mean, CHANNELS_LAST, FLAT),
+                                         _along_channel_axis(invstd, CHANNELS_LAST, FLAT),
+                                         _along_channel_axis(gamma, CHANNELS_LAST, FLAT),
+                                         _along_channel_axis(beta, CHANNELS_LAST, FLAT),
                                          _wide_scalar(slope_hi, slope_lo, ACC_DTYPE),
                                          ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT)
         dy = dy * act_grad  # dz from here on
     if WRITE_DRESIDUAL:
         tl.store(dr_ptr + dx_offsets, dy.to(dr_ptr.dtype.element_ty), mask=mask)
-    dx = dy * _along_channel_axis(a, CHANNELS_LAST)
+    dx = dy * _along_channel_axis(a, CHANNELS_LAST, FLAT)
     if TRAINING:
         sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         sum_dy_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
@@ -215,10 +222,12 @@ def _bn_backward_dx_kernel(
         if FUSED:
             xmu = fused_xmu
         else:
-            x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True, DENSE_ROWS, INDEX_64)
+            x_offsets = _elementwise_offsets(rows, cols, Q, x_n_stride, x_q_stride, x_k_stride, FLAT,
+                                             DENSE_ROWS, INDEX_64)
             x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-            xmu = x - _along_channel_axis(mean, CHANNELS_LAST)
-        dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST) + _along_channel_axis(k_0, CHANNELS_LAST)
+            xmu = x - _along_channel_axis(mean, CHANNELS_LAST, FLAT)
+        dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST, FLAT) \
+            + _along_channel_axis(k_0, CHANNELS_LAST, FLAT)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -296,12 +305,15 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
         bias = residual = None
     r_view = None if residual is None else nqk_view(residual, view.channels_last)
     sums = sums if training else None
+    r_geometry = None if r_view is None else r_view[1:]
+    # dr is allocated like dx: its geometry is dx's. The key's geometries determine the flat walk.
     key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var,
            tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr),
-           None if r_view is None else r_view[1:], activation, from_output, inv_count, eps, negative_slope)
+           r_geometry, activation, from_output, inv_count, eps, negative_slope)
     tensors = tuple(t for t in (x, dy, dx, residual, dr, mean, stat, weight, bias, sums) if t is not None)
 
     def build():
+        flat = flat_walk((view[1:], dy_view[1:], dx_view[1:], r_geometry))
         args = (x, dy, dx, residual, dr, mean, stat, weight, bias, sums,
                 view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
                 *(view.strides if r_view is None else r_view.strides),
@@ -309,8 +321,9 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
         constexprs = dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                           CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,
                           ACTIVATION=activation, HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output,
-                          WRITE_DRESIDUAL=grad_residual, FUSED=fused, **addressing(view, dy_view, dx_view, r_view))
-        return elementwise_grid(view), args, constexprs, ()
+                          WRITE_DRESIDUAL=grad_residual, FUSED=fused, **addressing(view, dy_view, dx_view, r_view),
+                          **flat)
+        return elementwise_grid(view, flat["FLAT"]), args, constexprs, ()
     _DX.run(key, tensors, build)
     return (dx, dr) if grad_residual else dx
 

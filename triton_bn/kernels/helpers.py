@@ -43,21 +43,66 @@ def _tile_offsets(rows, cols, channel, Q, n_stride, q_stride, k_stride, ROWS_ARE
 
 
 @triton.jit
-def _elementwise_tile(N, Q, K, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _elementwise_tile(N, Q, K, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, FLAT_INNER: tl.constexpr,
+                      FLAT_C: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's tile of an elementwise kernel: a 1-D grid over [N*Q rows, K cols]
     (1-D because a grid's y/z extents stop at 65535). Returns rows, cols, the tile mask and
-    each row's (channels-first) or column's (channels-last) channel with its mask."""
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(K, BLOCK_K)
-    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % col_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_mask = rows < N * Q
-    col_mask = cols < K
-    mask = row_mask[:, None] & col_mask[None, :]
-    if CHANNELS_LAST:
-        return rows, cols, mask, cols, col_mask
+    each row's (channels-first) or column's (channels-last) channel with its mask.
+    FLAT: a block of BLOCK_R*BLOCK_K flat elements instead (_flat_tile); rows and cols are
+    then both the flat offsets, and the channels are per element."""
+    if FLAT:
+        offsets, mask, channels = _flat_tile(N, Q, K, FLAT_INNER, FLAT_C, INDEX_64, BLOCK_R * BLOCK_K)
+        return offsets, offsets, mask, channels, mask
     else:
-        return rows, cols, mask, rows % Q, row_mask
+        pid = tl.program_id(0)
+        col_blocks = tl.cdiv(K, BLOCK_K)
+        rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (pid % col_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_mask = rows < N * Q
+        col_mask = cols < K
+        mask = row_mask[:, None] & col_mask[None, :]
+        if CHANNELS_LAST:
+            return rows, cols, mask, cols, col_mask
+        else:
+            return rows, cols, mask, rows % Q, row_mask
+
+
+@triton.jit
+def _flat_tile(N, Q, K, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr, INDEX_64: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """This program's block of an elementwise kernel over a dense tensor walked as one flat
+    array of N*Q*K elements (FLAT): offsets [pid*BLOCK, (pid+1)*BLOCK), their mask and each
+    element's channel (i // FLAT_INNER) % FLAT_C. The offsets are contiguous from a multiple of
+    BLOCK, so accesses are 16-byte vectors whenever the base pointer is 16-byte aligned,
+    whatever the row length K, provided Triton sees the mask's bound N*Q*K as a multiple of
+    16 (one of N, Q, K is: every ResNet-50 layer; else the masked accesses stay 32-bit).
+    FLAT_INNER and FLAT_C are constexprs so that the division and the remainder compile to
+    multiply-high sequences, not a division subroutine per element."""
+    pid = tl.program_id(0)
+    if INDEX_64:
+        offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        total = tl.cast(N, tl.int64) * Q * K  # N, Q or K may be the constant 1 (specialized)
+    else:
+        offsets = pid * BLOCK + tl.arange(0, BLOCK)
+        total = N * Q * K
+    mask = offsets < total
+    if FLAT_INNER == 1:
+        channels = offsets % FLAT_C
+    else:
+        channels = (offsets // FLAT_INNER) % FLAT_C
+    return offsets, mask, channels.to(tl.int32)
+
+
+@triton.jit
+def _elementwise_offsets(rows, cols, Q, n_stride, q_stride, k_stride, FLAT: tl.constexpr,
+                         DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr):
+    """Offsets of an elementwise kernel's tile in one tensor: FLAT, ``rows`` already holds the
+    flat offsets (every tensor of a flat launch is dense with the same strides); else the
+    [rows, cols] tile of the [N*Q, K] matrix (_tile_offsets)."""
+    if FLAT:
+        return rows
+    else:
+        return _tile_offsets(rows, cols, 0, Q, n_stride, q_stride, k_stride, True, DENSE_ROWS, INDEX_64)
 
 
 @triton.jit
@@ -174,10 +219,13 @@ def _load_channel_param(ptr, channels, mask, default, HAS_PARAM: tl.constexpr, A
 
 
 @triton.jit
-def _along_channel_axis(v, CHANNELS_LAST: tl.constexpr):
+def _along_channel_axis(v, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr):
     """A per-channel vector broadcast onto a [BLOCK_R, BLOCK_K] tile: channels run along K
-    (columns) channels-last, along the rows channels-first."""
-    if CHANNELS_LAST:
+    (columns) channels-last, along the rows channels-first. FLAT: v was gathered per element
+    (_flat_tile's channels) and already has the block's shape."""
+    if FLAT:
+        return v
+    elif CHANNELS_LAST:
         return v[None, :]
     else:
         return v[:, None]

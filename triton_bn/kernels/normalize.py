@@ -18,15 +18,15 @@ import triton
 import triton.language as tl
 
 from .activation import _activation
-from .helpers import (_along_channel_axis, _elementwise_tile, _load_channel_param, _load_channel_stats,
-                      _tile_offsets, _wide_scalar, split_float)
+from .helpers import (_along_channel_axis, _elementwise_offsets, _elementwise_tile, _load_channel_param,
+                      _load_channel_stats, _wide_scalar, split_float)
 from .stats import tl_dtype
 from .launch import Launch, fresh, tensor_key
-from .tuning import autotune_tiles, cdiv
+from .tuning import autotune_tiles, cdiv, flat_walk
 from .view import addressing, NQKView, dense, empty_output, mergeable, nqk_view
 
 
-@autotune_tiles("STAT_IS_VAR")
+@autotune_tiles("STAT_IS_VAR", "FLAT")
 @triton.jit
 def _bn_normalize_kernel(
     x_ptr,  # [N, Q, K] input, strides x_{n,q,k}_stride
@@ -43,26 +43,36 @@ def _bn_normalize_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    # FLAT: x, r, y are dense with the same strides and walked as one flat [N*Q*K] array
+    FLAT: tl.constexpr, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr,  # (helpers._flat_tile)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, BLOCK_R, BLOCK_K)
+    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, FLAT, FLAT_INNER, FLAT_C,
+                                                                 INDEX_64, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
     scale = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
     shift = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)
 
-    x_offsets = _tile_offsets(rows, cols, 0, Q, x_n_stride, x_q_stride, x_k_stride, True, DENSE_ROWS, INDEX_64)
-    y_offsets = _tile_offsets(rows, cols, 0, Q, y_n_stride, y_q_stride, y_k_stride, True, DENSE_ROWS, INDEX_64)
+    x_offsets = _elementwise_offsets(rows, cols, Q, x_n_stride, x_q_stride, x_k_stride, FLAT, DENSE_ROWS,
+                                     INDEX_64)
+    y_offsets = _elementwise_offsets(rows, cols, Q, y_n_stride, y_q_stride, y_k_stride, FLAT, DENSE_ROWS,
+                                     INDEX_64)
     x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    y = (x - _along_channel_axis(mean, CHANNELS_LAST)) * _along_channel_axis(scale, CHANNELS_LAST) \
-        + _along_channel_axis(shift, CHANNELS_LAST)
+    y = (x - _along_channel_axis(mean, CHANNELS_LAST, FLAT)) * _along_channel_axis(scale, CHANNELS_LAST, FLAT) \
+        + _along_channel_axis(shift, CHANNELS_LAST, FLAT)
     if HAS_RESIDUAL:
-        r_offsets = _tile_offsets(rows, cols, 0, Q, r_n_stride, r_q_stride, r_k_stride, True, DENSE_ROWS, INDEX_64)
+        r_offsets = _elementwise_offsets(rows, cols, Q, r_n_stride, r_q_stride, r_k_stride, FLAT, DENSE_ROWS,
+                                         INDEX_64)
         y += tl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     y = _activation(y, _wide_scalar(slope_hi, slope_lo, ACC_DTYPE), ACTIVATION)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def elementwise_grid(view: NQKView):
+def elementwise_grid(view: NQKView, flat: bool = False):
+    """The 1-D grid of an elementwise launch: one program per [BLOCK_R, BLOCK_K] tile of the
+    [N*Q, K] matrix, or per BLOCK_R * BLOCK_K elements of the flat array (FLAT)."""
+    if flat:
+        return _flat_grid(view.N * view.Q * view.K)
     return _elementwise_grid(view.N * view.Q, view.K)
 
 
@@ -72,12 +82,18 @@ def _elementwise_grid(rows: int, K: int):
 
 
 @functools.lru_cache(maxsize=4096)
+def _flat_grid(numel: int):
+    return lambda meta: (cdiv(numel, meta["BLOCK_R"] * meta["BLOCK_K"]),)
+
+
+@functools.lru_cache(maxsize=4096)
 def _normalize_constexprs(stat_is_var: bool, has_weight: bool, has_bias: bool, channels_last: bool,
                           dtype: torch.dtype, activation: int, has_residual: bool, dense_rows: bool,
-                          index_64: bool) -> dict:
+                          index_64: bool, flat: bool, flat_inner: int, flat_c: int) -> dict:
     return dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
                 CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype), ACTIVATION=activation,
-                HAS_RESIDUAL=has_residual, DENSE_ROWS=dense_rows, INDEX_64=index_64)
+                HAS_RESIDUAL=has_residual, DENSE_ROWS=dense_rows, INDEX_64=index_64,
+                FLAT=flat, FLAT_INNER=flat_inner, FLAT_C=flat_c)
 
 
 _NORMALIZE = Launch(_bn_normalize_kernel)
@@ -106,7 +122,8 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
     # candidate config several times, each normalizing the previous one's output: the first
     # call of the key runs on a scratch output first (Launch's scratch).
     in_place = out is not None and out.data_ptr() == x.data_ptr()
-    # y is fresh (aligned) unless given; its geometry is part of the key either way.
+    # y is fresh (aligned) unless given; its geometry is part of the key either way. The key's
+    # geometries determine the flat walk (and with it the compiled variant and the grid).
     key = (view[1:], y_geometry, stat_is_var, tensor_key(x, mean, stat, weight, bias, residual),
            True if out is None else out.data_ptr() & 15 == 0, activation, None if r_view is None else r_view[1:],
            eps, negative_slope, in_place)
@@ -115,12 +132,13 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
 
     def build():
         y_view = NQKView(y, *y_geometry)
+        flat = flat_walk((view[1:], y_geometry, None if r_view is None else r_view[1:]))
         args = (x, residual, y, mean, stat, weight, bias, view.N, view.Q, view.K, *view.strides,
                 *(view.strides if r_view is None else r_view.strides), *y_view.strides, float(eps),
                 *split_float(negative_slope))
         constexprs = _normalize_constexprs(stat_is_var, weight is not None, bias is not None, view.channels_last,
                                            x.dtype, activation, residual is not None,
-                                           *addressing(view, y_view, r_view).values())
-        return _elementwise_grid(view.N * view.Q, view.K), args, constexprs, (_Y_ARG,) if in_place else ()
+                                           *addressing(view, y_view, r_view).values(), *flat.values())
+        return elementwise_grid(view, flat["FLAT"]), args, constexprs, (_Y_ARG,) if in_place else ()
     _NORMALIZE.run(key, tensors, build)
     return y

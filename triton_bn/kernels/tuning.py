@@ -19,6 +19,8 @@ The config list is checked against the machine code (``python -m triton_bn.repor
 guarded by tests/test_report.py): no shipped config spills registers, and every one reaches
 16-byte (LDG/STG.128) accesses on the unit-stride axis for 16-byte-aligned inputs, in all
 four autotuned kernels, fp32/fp16/bf16, channels-first and channels-last, sm_90 and sm_80.
+Rows of a length Triton cannot prove 16-byte aligned (K % 16 != 0) get 16-byte accesses in the
+elementwise kernels through their flat walk (``flat_walk``) when the tensors are dense.
 """
 from __future__ import annotations
 
@@ -93,11 +95,18 @@ def _tile_elements(config) -> int:
 def prune_tile_configs(configs, named_args, **kwargs):
     """Keep tiles whose BLOCK_K fits the unit-stride extent K: the widest that K fills
     and half of it; under the interpreter only the largest tiles (per-op overhead dominates)
-    unless TRITON_BN_INTERPRET_GPU_PRUNING=1."""
-    K = named_args["K"]
-    widest = _widest_block_k(K)
-    wanted = (widest, widest // 2)
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] in wanted]
+    unless TRITON_BN_INTERPRET_GPU_PRUNING=1. A FLAT launch (flat_walk) walks blocks of
+    BLOCK_R * BLOCK_K elements whatever the split: one config per tile size."""
+    if kwargs.get("FLAT", named_args.get("FLAT")):
+        sizes = {}
+        for c in configs:
+            sizes.setdefault(_tile_elements(c), c)
+        kept = list(sizes.values())
+    else:
+        K = named_args["K"]
+        widest = _widest_block_k(K)
+        wanted = (widest, widest // 2)
+        kept = [c for c in configs if c.kwargs["BLOCK_K"] in wanted]
     if not gpu_pruning() and kept:
         largest = max(_tile_elements(c) for c in kept)
         kept = [c for c in kept if _tile_elements(c) == largest]
@@ -143,6 +152,48 @@ def autotune_tiles(*extra_key: str):
         _AUTOTUNED[kernel.base_fn.__name__] = kernel
         return kernel
     return register
+
+
+# ---------------------------------------------------------------------------------------------
+# The elementwise kernels' flat walk (helpers._flat_tile).
+
+# Triton specializes an int argument on its divisibility by 16 (elements), nothing finer: the
+# 2-D tile's rows start at r * K, provably 16-byte aligned only when K % 16 == 0. Any other
+# row length (NCHW 7x7 and 14x14: K = S = 49, 196; channels-last C = 3) compiles to 16/32-bit
+# accesses and, channels-first, to per-row channel arithmetic that costs registers.
+ROW_DIVISIBILITY = 16
+_NO_FLAT = {"FLAT": False, "FLAT_INNER": 1, "FLAT_C": 1}
+
+
+def _dense(geometry) -> bool:
+    """Strides (Q*K, K, 1) up to size-1 axes: contiguous NCHW, or channels-last contiguous."""
+    N, Q, K, n_stride, q_stride, k_stride, _ = geometry
+    return (K == 1 or k_stride == 1) and (Q == 1 or q_stride == K) and (N == 1 or n_stride == Q * K)
+
+
+@functools.lru_cache(maxsize=4096)
+def flat_walk(geometries: tuple) -> dict:
+    """The FLAT constexprs of an elementwise launch over views with these geometries (each an
+    NQKView[1:], all of one shape and orientation; None entries skipped).
+
+    FLAT when every view is dense with the same strides (so one flat offset addresses all of
+    them) and the 2-D tile could not get 16-byte accesses (K % 16 != 0). Element i then
+    belongs to channel (i // FLAT_INNER) % FLAT_C: FLAT_INNER = S, FLAT_C = C channels-first
+    (K = S, Q = C); FLAT_INNER = 1, FLAT_C = C = K channels-last. Both are constexprs (a
+    compiled variant per channel count and spatial size, a few per network) so that the
+    division is a multiply-high. Everything else keeps the 2-D tile, which reaches 128-bit
+    accesses and needs no per-element channel gathers."""
+    views = [g for g in geometries if g is not None]
+    first = views[0]
+    N, Q, K, *_, channels_last = first
+    if K % ROW_DIVISIBILITY == 0 or not all(_dense(g) and g[:3] == first[:3] for g in views):
+        return _NO_FLAT
+    return {"FLAT": True, "FLAT_INNER": 1 if channels_last else K, "FLAT_C": K if channels_last else Q}
+
+
+def flat_elementwise(*geometries) -> bool:
+    """Whether an elementwise launch over views of these geometries walks them flat."""
+    return flat_walk(tuple(geometries))["FLAT"]
 
 
 # ---------------------------------------------------------------------------------------------

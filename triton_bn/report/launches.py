@@ -34,6 +34,15 @@ LAYOUTS = {
     .to(memory_format=torch.channels_last),
     "NC": lambda dtype: torch.empty((256, 1024), dtype=dtype, device="meta"),
 }
+# Rows the 2-D tile cannot vectorize (K % 16 != 0): the elementwise kernels walk them flat
+# (tuning.flat_walk). ResNet-50's 7x7 and 14x14 stages (NCHW, K = S = 49, 196) and a network's
+# 3-channel input (channels-last, K = C = 3).
+LAYOUTS.update({
+    "NCHW-S49": lambda dtype: torch.empty((32, 2048, 7, 7), dtype=dtype, device="meta"),
+    "NCHW-S196": lambda dtype: torch.empty((32, 1024, 14, 14), dtype=dtype, device="meta"),
+    "NHWC-C3": lambda dtype: torch.empty((32, 3, 224, 224), dtype=dtype, device="meta")
+    .to(memory_format=torch.channels_last),
+})
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 H200_SMS = 132
 

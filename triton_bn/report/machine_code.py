@@ -112,6 +112,16 @@ def ptx_accesses(ptx: str) -> List[Access]:
     return accesses
 
 
+_PTX_INT_DIVISION = re.compile(r"^\s*(?:@!?%p\d+\s+)?(div|rem)\.[su](16|32|64)\b")
+
+
+def integer_divisions(ptx: str) -> int:
+    """Integer div/rem instructions of the PTX. Division by a constant compiles to a
+    multiply-high sequence; a div/rem left in the PTX divides by a register value (ptxas
+    expands the 64-bit ones into a subroutine call)."""
+    return sum(1 for text in ptx.splitlines() if _PTX_INT_DIVISION.match(text))
+
+
 # --- SASS ------------------------------------------------------------------------------------
 _SASS_PTX_LINE = re.compile(r'//## File "\.nv_debug_ptx_txt", line (\d+)')
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")

@@ -20,8 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .launches import CompileJob
-from .machine_code import (occupancy, ptx_accesses, resource_usage, sass_accesses, summarize_accesses,
-                           tile_access_lines)
+from .machine_code import (integer_divisions, occupancy, ptx_accesses, resource_usage, sass_accesses,
+                           summarize_accesses, tile_access_lines)
 
 
 def _decode_constexpr(value):
@@ -67,7 +67,7 @@ def compile_job(job: CompileJob, tmpdir: str, sass: bool = True) -> dict:
         local=usage["local"], spill_bytes=usage["stack"] + usage["local"], shared=shared,
         **summarize_accesses(accesses, tile_file, tile_lines), widths_from="sass" if sass else "ptx",
         tile_lines=len(tile_lines), occupancy=occ, blocks_per_sm=blocks, occupancy_limiter=limiter,
-        toolchain=toolchain(job.arch),
+        toolchain=toolchain(job.arch), int_divisions=integer_divisions(compiled.asm["ptx"]),
     )
 
 
