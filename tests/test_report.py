@@ -20,8 +20,11 @@ import torch
 
 from triton_bn.kernels.tuning import TILE_CONFIGS, prune_tile_configs
 from triton_bn.report import compile_jobs, run_jobs, tools_missing
-from triton_bn.report.launches import _specialize
+from triton_bn.report.budget import budget, instructions_per_byte
+from triton_bn.report.launches import CompileJob, _specialize, job_key
 from triton_bn.report.machine_code import integer_divisions, occupancy, ptx_width, sass_width
+from triton_bn.report.shapes import RESNET50_SHAPES, case_rows, launch_paths, shape_jobs
+from triton_bn.report.shapes_table import with_budget
 
 MISSING = tools_missing()
 needs_tools = pytest.mark.skipif(MISSING is not None, reason=f"no GPU compiler tools: {MISSING}")
@@ -219,3 +222,117 @@ def test_report_command_line(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = json.loads(out.stdout)
     assert row["name"] == "stats_combine" and row["regs"] > 0 and row["spill_bytes"] == 0
+
+
+# --- --shapes resnet50: main loops, instructions per element, division subroutines -----------
+# A subset that compiles in CI time: one NCHW fp32 shape with S = 49 (no 16-byte vectors: K is
+# odd) and one channels-last fp16 shape, batch 64, the training kernels, each launch's first
+# kept config. The full sweep is `python -m triton_bn.report --shapes resnet50` (perf/NOTES.md).
+SUBSET = (((512, 7, 7), ("fp32", "NCHW")), ((256, 14, 14), ("fp16", "NHWC")))
+REDUCTIONS = {"stats_partial", "backward_partial"}
+TENSORS_MOVED = {"stats_partial": (1, 0), "backward_partial": (2, 0), "normalize": (1, 1), "backward_dx": (2, 1)}
+
+
+def test_resnet50_shapes_are_perfs():
+    from perf.resnet50_layers import SHAPES
+    assert RESNET50_SHAPES == SHAPES
+
+
+def test_shapes_record_both_paths_when_the_onchip_switch_exists(monkeypatch):
+    """Feature detection: with a ``tuning.use_onchip`` every case is recorded with it off
+    ('split') and on ('onchip'); without it, once. Kept configs only."""
+    import contextlib
+    from triton_bn.kernels import tuning
+    assert [label for label, _ in launch_paths()] == (["split", "onchip"] if hasattr(tuning, "use_onchip")
+                                                      else ["split"])
+    entered = []
+
+    @contextlib.contextmanager
+    def use_onchip(enabled):
+        entered.append(enabled)
+        yield
+    monkeypatch.setattr(tuning, "use_onchip", use_onchip, raising=False)
+    jobs, cases = shape_jobs(shapes=[(512, 7, 7)], batches=(64,), formats=[("fp16", "NHWC")])
+    assert [case.path for case, _ in cases] == ["split", "onchip"] and entered == [False, True]
+    for case, case_jobs in cases:
+        assert case.label == "64x512x7x7" and case_jobs and all(j.kept for j in case_jobs)
+        assert {j.name for j in case_jobs} >= {"stats_partial", "normalize", "backward_partial", "backward_dx"}
+    assert len(jobs) == len({job_key(j) for _, case_jobs in cases for j in case_jobs})
+
+
+@functools.lru_cache(maxsize=None)
+def _subset_rows():
+    cases = []
+    for shape, fmt in SUBSET:
+        _, mine = shape_jobs(shapes=[shape], batches=(64,), formats=[fmt], first_config=True)
+        cases += [(case, [j for j in case_jobs if j.variant == "train" and j.autotuned]) for case, case_jobs in mine]
+    unique = list({job_key(j): j for _, case_jobs in cases for j in case_jobs}.values())
+    return [with_budget(r) for r in case_rows(cases, unique, run_jobs(unique, workers=2))]
+
+
+@needs_tools
+def test_resnet50_subset_main_loops():
+    rows = _subset_rows()
+    assert len(rows) == 2 * len(TENSORS_MOVED), [(r["shape"], r["name"]) for r in rows]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        where = f"{row['shape']} {row['dtype']} {row['name']} {row['config_label']}"
+        assert row["spill_bytes"] == 0, where
+        assert row["loop"] == ("loop" if row["name"] in REDUCTIONS else "kernel"), (where, row["loop_note"])
+        assert row["unroll"] == 1 and not row["loop_note"], where
+        assert row["instructions_per_element"] > 0 and row["loop_instructions"] > 0, where
+        tile = dict(row["config"])["BLOCK_R"] * dict(row["config"])["BLOCK_K"]
+        assert row["elements_per_iteration"] == tile / (32 * row["num_warps"]), where
+        assert not row["loop_div"] and not row["div_calls"], where  # DENSE_ROWS: no division per row
+        assert (row["tile_load_tensors"], row["tile_store_tensors"]) == TENSORS_MOVED[row["name"]], where
+        assert row["budget"] == pytest.approx(budget(row["dtype"], sum(TENSORS_MOVED[row["name"]])))
+
+
+def _probe_job(element: str) -> CompileJob:
+    signature = (("x_ptr", f"*{element}"), ("y_ptr", f"*{element}"), ("n", "i32"), ("q", element),
+                 ("x_k_stride", "constexpr"), ("BLOCK_R", "constexpr"), ("BLOCK_K", "constexpr"))
+    return CompileJob(kernel="report_probe:divide_in_loop_kernel", name="probe", variant="probe", dtype=element,
+                      layout="-", signature=signature, constexprs=(("x_k_stride", 1),), divisible=("x_ptr", "y_ptr"),
+                      config=(("BLOCK_K", 128), ("BLOCK_R", 1)), num_warps=4, num_stages=3, autotuned=False,
+                      kept=True, arch=90)
+
+
+@needs_tools
+def test_division_subroutine_detected_in_the_loop(monkeypatch):
+    """Known positive: a 64-bit // in a loop calls ptxas's __cuda_sm20_div_s64 there; known
+    negative: the same loop in 32 bits divides inline."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    wide, narrow = run_jobs([_probe_job("i64"), _probe_job("i32")], workers=2)
+    for row in (wide, narrow):
+        assert "error" not in row, row.get("error")
+        assert row["loop"] == "loop" and row["loop_count"] == 1 and not row["loop_note"]
+        # One element per thread per source iteration; ptxas unrolls the 32-bit loop (4x with
+        # ptxas 13.4), which the tile-load bits of SASS against PTX detect.
+        assert row["elements_per_iteration"] == row["unroll"] >= 1
+        assert row["instructions_per_element"] == pytest.approx(row["loop_instructions"] / row["unroll"])
+    assert wide["loop_div"] and any(c.endswith("__cuda_sm20_div_s64") for c in wide["loop_calls"]), wide["loop_calls"]
+    assert not narrow["loop_div"] and narrow["loop_calls"] == [] and narrow["div_calls"] == []
+
+
+def test_budget_per_element():
+    assert instructions_per_byte() == pytest.approx(132 * 4 * 32 * 1.98e9 / (0.9 * 4.8e12))  # ~7.74
+    assert budget("fp16", 1) == pytest.approx(2 * instructions_per_byte())  # stats: one fp16 read
+    assert budget("fp32", 3) == pytest.approx(12 * instructions_per_byte())  # dx: two reads, one write
+    assert budget("fp32", 0) is None
+
+
+@needs_tools
+def test_shapes_command_line(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "triton_bn.report", "--shapes", "resnet50", "--only", "512x7x7",
+                          "--batch", "64", "--dtype", "fp32", "--layout", "NCHW", "--kernel", "normalize",
+                          "--first-config", "--json", "--jobs", "1"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)
+    assert {(r["name"], r["variant"], r["shape"], r["path"]) for r in rows} == {
+        ("normalize", "train", "64x512x7x7", "split"), ("normalize", "eval", "64x512x7x7", "split")}
+    for row in rows:
+        assert row["instructions_per_element"] > 0 and row["budget"] == pytest.approx(budget("fp32", 2))
+        assert row["loop"] == "kernel" and row["loop_div"] is False and "over_budget" in row

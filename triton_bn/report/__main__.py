@@ -4,6 +4,8 @@
     python -m triton_bn.report --kept-only          # only the configs the autotuner keeps here
     python -m triton_bn.report --arch 90,80 --json  # machine-readable, both architectures
     python -m triton_bn.report --kernel normalize --dtype fp16 --layout NHWC
+    python -m triton_bn.report --shapes resnet50      # ResNet-50's BN shapes, kept configs, main loops
+    python -m triton_bn.report --shapes resnet50 --only 512x7x7 --batch 64 --first-config
 
 Columns: see the README section "Reading the kernel resource report". A cold run compiles
 every row (~1 s each, spread over --jobs processes); Triton's cache and the SASS cache make
@@ -15,8 +17,10 @@ import argparse
 import json
 import sys
 
+from . import shapes_table
 from .launches import DTYPES, LAYOUTS, compile_jobs
 from .runner import run_jobs, tools_missing
+from .shapes import BATCHES, FORMATS, SHAPE_SETS, case_rows, parse_shape, shape_jobs
 
 KERNEL_ORDER = ["stats_partial", "stats_combine", "normalize", "backward_partial", "backward_dx"]
 COLUMNS = [  # (header, row -> text)
@@ -48,10 +52,10 @@ def _sort_key(row):
             row["layout"], row["dtype"], row["arch"], -row["num_warps"], [v for _, v in row["config"]])
 
 
-def format_table(rows) -> str:
+def format_table(rows, columns=COLUMNS, sort_key=_sort_key) -> str:
     ok = [r for r in rows if "error" not in r]
-    cells = [[h for h, _ in COLUMNS]] + [[f(r) for _, f in COLUMNS] for r in sorted(ok, key=_sort_key)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    cells = [[h for h, _ in columns]] + [[f(r) for _, f in columns] for r in sorted(ok, key=sort_key)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for r in rows:
@@ -76,12 +80,24 @@ def main(argv=None) -> int:
     parser.add_argument("--ptx", action="store_true", help="access widths from the PTX (fast) instead of SASS")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    shapes = parser.add_argument_group("real shapes (--shapes)")
+    shapes.add_argument("--shapes", choices=sorted(SHAPE_SETS),
+                        help="the kernels the launchers run on these shapes (kept configs): adds instructions "
+                             "per element of the main loop and division subroutines; NCHW fp32, NHWC fp16/bf16")
+    shapes.add_argument("--batch", default=",".join(map(str, BATCHES)), help="with --shapes: batch sizes")
+    shapes.add_argument("--only", default="", help="with --shapes: a subset of the shapes, e.g. 512x7x7,64x56x56")
+    shapes.add_argument("--first-config", action="store_true",
+                        help="with --shapes: only the first kept config of each launch (what pinning runs)")
     args = parser.parse_args(argv)
+    if args.shapes and args.ptx:
+        parser.error("--shapes reads the SASS (main loops); it cannot use --ptx")
 
     missing = tools_missing()
     if missing:
         print(f"cannot build the report: {missing}", file=sys.stderr)
         return 2
+    if args.shapes:
+        return _shapes_report(args)
     jobs = compile_jobs(archs=[int(a) for a in _csv(args.arch)], dtypes=_csv(args.dtype),
                         layouts=_csv(args.layout), kernels=_csv(args.kernel), kept_only=args.kept_only)
     print(f"compiling {len(jobs)} kernel configs ...", file=sys.stderr)
@@ -94,6 +110,35 @@ def main(argv=None) -> int:
         print(f"# {'; '.join(toolchains)}; widths from {'PTX' if args.ptx else 'SASS'}; "
               "kept = the autotuner's pruning keeps it for this shape; spill = STACK + LOCAL bytes")
         print(format_table(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _shapes_report(args) -> int:
+    chosen = SHAPE_SETS[args.shapes]
+    if args.only:
+        wanted = [parse_shape(t) for t in _csv(args.only)]
+        unknown = [w for w in wanted if w not in chosen]
+        if unknown:
+            print(f"not {args.shapes} shapes: {unknown}", file=sys.stderr)
+            return 2
+        chosen = wanted
+    formats = [(d, lay) for d, lay in FORMATS if d in _csv(args.dtype) and lay in _csv(args.layout)]
+    jobs, cases = shape_jobs(chosen, [int(b) for b in _csv(args.batch)], formats, [int(a) for a in _csv(args.arch)],
+                             _csv(args.kernel), args.first_config)
+    print(f"{len(cases)} cases, {sum(len(j) for _, j in cases)} rows, compiling {len(jobs)} distinct kernels ...",
+          file=sys.stderr)
+    rows = [shapes_table.with_budget(r) for r in case_rows(cases, jobs, run_jobs(jobs, workers=args.jobs))]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    else:
+        toolchains = sorted({r["toolchain"] for r in rows if "toolchain" in r})
+        print(f"# {'; '.join(toolchains)}; SASS; kept configs per shape; instr/elem = main-loop (or whole-kernel) "
+              "SASS instructions / elements per thread per pass, '!' over the H200 budget at bandwidth "
+              "(README: Reading the kernel resource report)")
+        print(format_table(rows, shapes_table.COLUMNS, shapes_table.sort_key))
+        print("\n# worst row per kernel")
+        print(format_table(shapes_table.summary(rows), shapes_table.SUMMARY_COLUMNS, lambda s: 0))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -56,7 +56,7 @@ class CompileJob:
     """One (kernel specialization, config, arch) to compile; plain data, JSON-able."""
     kernel: str  # "module:attribute" of the launched kernel object
     name: str  # short label, e.g. "normalize"
-    variant: str  # "train" / "eval"
+    variant: str  # "train" / "eval" / "sync" (SyncBatchNorm's partials alone, then its combine)
     dtype: str
     layout: str
     signature: Tuple[Tuple[str, str], ...]  # (param, triton type or "constexpr"), in order
@@ -160,8 +160,9 @@ def _scenarios(x: torch.Tensor):
     dy = torch.empty_like(x)
     return [
         ("train", lambda: bn_forward_train(x, vec(), vec(), vec(), vec(), 0.1, 1e-5)),
-        # SyncBatchNorm: partials alone, then the combine kernel over every rank's moments.
-        ("train", lambda: bn_stats_combine(bn_stats_partial(input_view(x)), 1e-5, vec(), vec())),
+        # SyncBatchNorm: partials alone, then the combine kernel over every rank's moments
+        # (its own variant: the partial kernel without the fused combine is another binary).
+        ("sync", lambda: bn_stats_combine(bn_stats_partial(input_view(x)), 1e-5, vec(), vec())),
         ("eval", lambda: bn_forward_eval(x, vec(), vec(), vec(), vec(), 1e-5)),
         ("train", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=True)),
         ("eval", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=False)),
@@ -235,6 +236,28 @@ def _launch_jobs(launch: _Launch, variant: str, dtype: str, layout: str, arch: i
             for c in kernel.configs]
 
 
+def job_key(job: CompileJob) -> tuple:
+    """Two jobs with equal keys compile to the same binary (shapes differing only in ints
+    that Triton does not specialize on share one)."""
+    return (job.kernel, job.signature, job.constexprs, job.config, job.num_warps, job.num_stages, job.arch,
+            job.layout)
+
+
+def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,)) -> List[CompileJob]:
+    """The distinct jobs of every launch the library makes on ``x`` (a meta tensor), each
+    launch paired with every config it can run with."""
+    jobs: Dict[tuple, CompileJob] = {}
+    for variant, launch_all in _scenarios(x):
+        sink: List[_Launch] = []
+        with _recording(sink):
+            launch_all()
+        for launch in sink:
+            for arch in archs:
+                for job in _launch_jobs(launch, variant, dtype, layout, arch):
+                    jobs.setdefault(job_key(job), job)
+    return list(jobs.values())
+
+
 def compile_jobs(archs=(90,), dtypes=("fp32", "fp16", "bf16"), layouts=("NCHW", "NHWC"),
                  kernels: Optional[List[str]] = None, kept_only: bool = False) -> List[CompileJob]:
     """Every distinct (kernel specialization, config, arch) the library launches for the
@@ -242,17 +265,8 @@ def compile_jobs(archs=(90,), dtypes=("fp32", "fp16", "bf16"), layouts=("NCHW", 
     jobs: Dict[tuple, CompileJob] = {}
     for layout in layouts:
         for dtype in dtypes:
-            x = LAYOUTS[layout](DTYPES[dtype])
-            for variant, launch_all in _scenarios(x):
-                sink: List[_Launch] = []
-                with _recording(sink):
-                    launch_all()
-                for launch in sink:
-                    for arch in archs:
-                        for job in _launch_jobs(launch, variant, dtype, layout, arch):
-                            key = (job.kernel, job.signature, job.constexprs, job.config,
-                                   job.num_warps, job.num_stages, job.arch, job.layout)
-                            jobs.setdefault(key, job)
+            for job in recorded_jobs(LAYOUTS[layout](DTYPES[dtype]), dtype, layout, archs):
+                jobs.setdefault(job_key(job), job)
     selected = [j for j in jobs.values()
                 if (not kernels or any(k in j.name for k in kernels)) and (j.kept or not kept_only)]
     return selected

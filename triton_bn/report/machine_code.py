@@ -13,9 +13,9 @@ agree), so bulk checks read the PTX and the report the SASS.
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import inspect
-import json
 import os
 import re
 import subprocess
@@ -144,22 +144,32 @@ def sass_width(opcode: str) -> int:
 
 def _cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "triton_bn", "sass-accesses-v1")  # bump when the entry format changes
+    return os.path.join(base, "triton_bn", "sass-text-v1")  # bump when the entry format changes
 
 
-def _disassemble(cubin: bytes, tmp_path: str) -> List[Tuple[str, int, Optional[int]]]:
-    """(kind, bits, PTX line) of every LDG/STG/LDL/STL, from ``nvdisasm -gp``; cached on
-    disk by the cubin's hash (disassembly is the slow step)."""
-    cached = os.path.join(_cache_dir(), hashlib.sha256(cubin).hexdigest() + ".json")
+def disassemble(cubin: bytes, tmp_path: str) -> str:
+    """``nvdisasm -gp`` of the cubin (SASS with the PTX line of every instruction), cached on
+    disk, gzipped, by the cubin's hash: disassembly is the slow step, and both the access
+    widths and the loop reading (``sass_loops``) parse the same text."""
+    cached = os.path.join(_cache_dir(), hashlib.sha256(cubin).hexdigest() + ".sass.gz")
     if os.path.exists(cached):
-        with open(cached) as f:
-            return [tuple(a) for a in json.load(f)]
+        with gzip.open(cached, "rt") as f:
+            return f.read()
     with open(tmp_path, "wb") as f:
         f.write(cubin)
     out = subprocess.run([tool_path("nvdisasm"), "-gp", "-c", tmp_path],
                          check=True, capture_output=True, text=True).stdout
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with gzip.open(cached + ".tmp%d" % os.getpid(), "wt") as f:
+        f.write(out)
+    os.replace(cached + ".tmp%d" % os.getpid(), cached)  # atomic: workers may race on an entry
+    return out
+
+
+def _sass_access_lines(sass: str) -> List[Tuple[str, int, Optional[int]]]:
+    """(kind, bits, PTX line) of every LDG/STG/LDL/STL of ``nvdisasm -gp`` output."""
     accesses, ptx_line = [], None
-    for text in out.splitlines():
+    for text in sass.splitlines():
         found = _SASS_PTX_LINE.search(text)
         if found:
             ptx_line = int(found.group(1))
@@ -168,20 +178,16 @@ def _disassemble(cubin: bytes, tmp_path: str) -> List[Tuple[str, int, Optional[i
         if found and found.group(1).split(".")[0] in _SASS_KINDS:
             opcode = found.group(1)
             accesses.append((_SASS_KINDS[opcode.split(".")[0]], sass_width(opcode), ptx_line))
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached + ".tmp%d" % os.getpid(), "w") as f:
-        json.dump(accesses, f)
-    os.replace(cached + ".tmp%d" % os.getpid(), cached)  # atomic: workers may race on an entry
     return accesses
 
 
-def sass_accesses(cubin: bytes, ptx: str, tmp_path: str) -> List[Access]:
+def sass_accesses(sass: str, ptx: str) -> List[Access]:
     """Every LDG/STG/LDL/STL of the cubin with its width and source line (SASS -> PTX line,
     ``nvdisasm -gp``, -> source line, ``ptx_locations``)."""
     locations = ptx_locations(ptx)
     def where(ptx_line):
         return locations[ptx_line - 1] if ptx_line and 0 < ptx_line <= len(locations) else (None, None)
-    return [Access(kind, bits, *where(ptx_line)) for kind, bits, ptx_line in _disassemble(cubin, tmp_path)]
+    return [Access(kind, bits, *where(ptx_line)) for kind, bits, ptx_line in _sass_access_lines(sass)]
 
 
 # --- attribution and occupancy ---------------------------------------------------------------

@@ -20,7 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .launches import CompileJob
-from .machine_code import (integer_divisions, occupancy, ptx_accesses, resource_usage, sass_accesses,
+from .sass_loops import main_loop
+from .machine_code import (disassemble, integer_divisions, occupancy, ptx_accesses, resource_usage, sass_accesses,
                            summarize_accesses, tile_access_lines)
 
 
@@ -58,7 +59,8 @@ def compile_job(job: CompileJob, tmpdir: str, sass: bool = True) -> dict:
     with open(cubin, "wb") as f:
         f.write(compiled.asm["cubin"])
     usage = resource_usage(cubin)
-    accesses = sass_accesses(compiled.asm["cubin"], compiled.asm["ptx"], cubin) if sass else ptx_accesses(compiled.asm["ptx"])
+    sass_text = disassemble(compiled.asm["cubin"], cubin) if sass else None
+    accesses = sass_accesses(sass_text, compiled.asm["ptx"]) if sass else ptx_accesses(compiled.asm["ptx"])
     tile_file, tile_lines = tile_access_lines(jit.fn)
     shared = usage["shared"] + int(getattr(compiled.metadata, "shared", 0) or 0)
     occ, blocks, limiter = occupancy(usage["regs"], job.num_warps, shared, job.arch)
@@ -68,6 +70,8 @@ def compile_job(job: CompileJob, tmpdir: str, sass: bool = True) -> dict:
         **summarize_accesses(accesses, tile_file, tile_lines), widths_from="sass" if sass else "ptx",
         tile_lines=len(tile_lines), occupancy=occ, blocks_per_sm=blocks, occupancy_limiter=limiter,
         toolchain=toolchain(job.arch), int_divisions=integer_divisions(compiled.asm["ptx"]),
+        **(main_loop(sass_text, compiled.asm["ptx"], tile_file, tile_lines, dict(job.config), job.num_warps)
+           if sass else {}),
     )
 
 
