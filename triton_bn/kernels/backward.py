@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .activation import _recompute
-from .helpers import (_along_channel_axis, _elementwise_offsets, _elementwise_tile, _last_of_channel,
+from .helpers import (_combine_block, _along_channel_axis, _elementwise_offsets, _elementwise_tile, _last_of_channel,
                       _load_channel_param, _load_channel_stats, _release_ticket,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
@@ -126,7 +126,7 @@ def _bn_backward_partial_kernel(
     if last:
         _combine_sums(partial_ptr, tl.num_programs(1), C, channels, channels < C, mean_ptr, stat_ptr, sums_ptr,
                       grad_weight_ptr, grad_bias_ptr, eps, STAT_IS_VAR, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS,
-                      BLOCK_R if CHANNELS_LAST else BLOCK_R * BLOCK_K)
+                      _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST))
         _release_ticket(tickets_ptr, pid_c)
 
 

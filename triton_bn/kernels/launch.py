@@ -40,12 +40,18 @@ _CLEAR_HOOKS: list = []
 
 
 def current_device():
-    """The device Triton launches on (None under the interpreter, which has no driver)."""
-    return None if interpreting() else driver.active.get_current_device()
+    """The device Triton launches on; None under the interpreter, or with no GPU driver at
+    all (the resource report records launches on meta tensors on a CPU-only machine)."""
+    if interpreting():
+        return None
+    try:
+        return driver.active.get_current_device()
+    except RuntimeError:
+        return None
 
 
 def current_stream(device):
-    return 0 if interpreting() else driver.active.get_current_stream(device)
+    return 0 if device is None else driver.active.get_current_stream(device)
 
 
 def launch_hooks() -> bool:

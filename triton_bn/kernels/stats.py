@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from .helpers import (_channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
+from .helpers import (_combine_block, _channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
                       _split_bounds, _tile_offsets, split_float)
 from .combine import _combine_channels
 from .launch import Launch, fresh, stream_scratch, tensor_key
@@ -109,7 +109,7 @@ def _bn_stats_partial_kernel(
                               mean_ptr, invstd_ptr, None, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
                               UPDATE_RUNNING, CUMULATIVE_AVERAGE, False,
-                              BLOCK_R if CHANNELS_LAST else BLOCK_R * BLOCK_K, COUNT_STEP)
+                              _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), COUNT_STEP)
             _release_ticket(tickets_ptr, pid_c)
             if COUNT_STEP:
                 # The step counter moves once per call, in this launch (no separate add_ kernel):
