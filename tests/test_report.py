@@ -98,6 +98,17 @@ def test_shipped_configs_do_not_spill_and_move_tiles_128_bits_at_a_time():
     assert not narrow, "tile accesses narrower than 128 bits:\n" + "\n".join(narrow)
 
 
+@needs_tools
+def test_folded_combines_leave_two_programs_per_sm():
+    """The partial kernels' last program per channel merges the splits (the folded combine);
+    that merge must not set the kernel's register count: at most 128 per thread, so that at
+    least two 8-warp programs share an SM (a tile-sized merge block took 192-234)."""
+    rows = [r for r in _sample_rows() if r["name"] in ("stats_partial", "backward_partial") and "error" not in r]
+    assert {r["variant"] for r in rows} >= {"train", "sync"}
+    heavy = [_describe(r) for r in rows if r["regs"] > 128]
+    assert not heavy, "register-bound partial kernels:\n" + "\n".join(heavy)
+
+
 FLAT_LAYOUTS = ("NCHW-S49", "NCHW-S196", "NHWC-C3")
 
 
