@@ -169,6 +169,29 @@ def test_splits_cover_the_domain():
             assert (split.splits_k - 1) * split.cols_per_split < K <= split.splits_k * split.cols_per_split
 
 
+RESNET50_BN_SHAPES = [(64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28), (256, 28, 28),
+                      (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7), (3, 224, 224)]
+
+
+@pytest.mark.parametrize("N", [64, 256])
+def test_channels_last_partial_grids_fill_an_h200(N, monkeypatch):
+    """The channels-last partial kernels launch cdiv(C, BLOCK_K) x splits programs, the splits
+    sized for PARTIAL_BLOCK_K-wide blocks: pruning keeps no wider tile, so every ResNet-50
+    shape gets two waves on 132 SMs (or one program per 16K elements when it is smaller)."""
+    from triton_bn.kernels import tuning
+    monkeypatch.setattr(tuning, "_target_programs", lambda device: tuning.gpu_target_programs(132))
+    stats_splits.cache_clear()
+    try:
+        for C, H, W in RESNET50_BN_SHAPES:
+            kept = prune_tile_configs(TILE_CONFIGS, {"K": C, "rows_per_split": 1}, CHANNELS_LAST=True)
+            widest = max(c.kwargs["BLOCK_K"] for c in kept)
+            assert widest <= tuning.PARTIAL_BLOCK_K
+            programs = tuning.cdiv(C, widest) * stats_splits(N, H * W, C, True, torch.device("cpu")).num
+            assert programs >= 0.9 * min(2 * 132, N * H * W * C // 16384), (N, C, H, W, programs)
+    finally:
+        stats_splits.cache_clear()
+
+
 def test_pruning_keeps_lanes_busy():
     for K in (3, 49, 64, 3136):
         kept = prune_tile_configs(TILE_CONFIGS, {"K": K})

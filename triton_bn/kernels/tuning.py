@@ -48,6 +48,11 @@ TILE_WARPS = {4096: 8, 2048: 4, 1024: 4}
 SPILLING_TILES = {(4096, 16), (4096, 32), (4096, 128), (4096, 256), (4096, 512), (2048, 256), (2048, 64),
                   (2048, 512), (2048, 1024), (1024, 1024)}
 TUNING_KEY = ["N", "Q", "K", "CHANNELS_LAST"]
+# Channels-last partial reductions: a program reduces a block of at most this many channels
+# (64 fp16 channels = 128 bytes per row: whole cache lines). stats_splits sizes the grid,
+# cdiv(C, PARTIAL_BLOCK_K) x splits, for a few waves on the GPU; wider tiles (up to 1024) would
+# launch 2-4 channel blocks x the same splits, e.g. 34 programs on 132 SMs at C = 2048.
+PARTIAL_BLOCK_K = 64
 
 
 # Read once: Triton itself decides at import whether @triton.jit functions are interpreted.
@@ -105,6 +110,8 @@ def prune_tile_configs(configs, named_args, **kwargs):
     else:
         K = named_args["K"]
         widest = _widest_block_k(K)
+        if "rows_per_split" in named_args and kwargs.get("CHANNELS_LAST", named_args.get("CHANNELS_LAST")):
+            widest = min(widest, PARTIAL_BLOCK_K)  # the width stats_splits sized the grid for
         wanted = (widest, widest // 2)
         kept = [c for c in configs if c.kwargs["BLOCK_K"] in wanted]
     if not gpu_pruning() and kept:
@@ -245,10 +252,10 @@ def stats_splits(N: int, Q: int, K: int, channels_last: bool, device: torch.devi
     target, min_elements = _target_programs(device)
     if channels_last:
         rows = N * Q
-        channel_blocks = cdiv(K, 64)
+        channel_blocks = cdiv(K, PARTIAL_BLOCK_K)
         if splits is None:
             splits = min(cdiv(target, channel_blocks),
-                         max(1, rows * min(K, 64) // min_elements))
+                         max(1, rows * min(K, PARTIAL_BLOCK_K) // min_elements))
         rows_per_split = _round_up(cdiv(rows, max(1, min(splits, 65535))), 16)
         return Splits(rows_per_split, K, cdiv(rows, rows_per_split), 1)
     if splits is None:
