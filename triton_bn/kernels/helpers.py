@@ -174,6 +174,13 @@ def _load_channel_param(ptr, channels, mask, default, HAS_PARAM: tl.constexpr, A
 
 
 @triton.jit
+def _dx_coefficients(a, invstd, sum_dz, sum_dz_xmu, inv_count):
+    """(k_xmu, k_0) of the training dx = a * dz + (x - mean) * k_xmu + k_0, per channel, from
+    the channel's sums of dz and dz * (x - mean); a = gamma * invstd."""
+    return -a * invstd * invstd * sum_dz_xmu * inv_count, -a * sum_dz * inv_count
+
+
+@triton.jit
 def _along_channel_axis(v, CHANNELS_LAST: tl.constexpr):
     """A per-channel vector broadcast onto a [BLOCK_R, BLOCK_K] tile: channels run along K
     (columns) channels-last, along the rows channels-first."""

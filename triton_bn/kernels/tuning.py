@@ -22,6 +22,7 @@ four autotuned kernels, fp32/fp16/bf16, channels-first and channels-last, sm_90 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -209,3 +210,60 @@ def stats_splits(N: int, Q: int, K: int, channels_last: bool, device: torch.devi
     # Column chunks start on multiples of 128 elements so 16-byte vector alignment survives.
     cols_per_split = _round_up(cdiv(K, splits_k), 128)
     return Splits(rows_per_split, cols_per_split, splits_r, cdiv(K, cols_per_split))
+
+
+# ---------------------------------------------------------------------------------------------
+# The on-chip path (onchip.py): one program holds a channel's whole slab in registers. Not
+# autotuned (an autotuner would rerun the in-place running-statistics update): the tile and
+# num_warps are functions of the shape.
+
+# 8192 padded elements on 16 warps is 16 values per thread per tile, the autotuned kernels'
+# bound (see TILE_WARPS); the backward holds three such tiles (x, dy, dz; four with a
+# residual) at once, about 64 fp32 registers of data under sm_90's 128 per thread at 512
+# threads. A larger slab would need several loads per thread kept live (more registers) or a
+# shared-memory-resident slab (not built).
+ONCHIP_MAX_ELEMENTS = 8192
+ONCHIP_VALUES_PER_THREAD = 16
+# Read once, like TRITON_INTERPRET: the dispatch must cost no environment lookup per call.
+_ONCHIP = os.environ.get("TRITON_BN_ONCHIP", "1") != "0"
+
+
+def onchip_enabled() -> bool:
+    """Whether forward-train and backward may take the on-chip path (TRITON_BN_ONCHIP=0: never)."""
+    return _ONCHIP
+
+
+@contextlib.contextmanager
+def use_onchip(enabled: bool):
+    """Enable or disable the on-chip path inside the block (tests, tools that tune the split path)."""
+    global _ONCHIP
+    saved, _ONCHIP = _ONCHIP, bool(enabled)
+    try:
+        yield
+    finally:
+        _ONCHIP = saved
+
+
+@functools.lru_cache(maxsize=4096)
+def onchip_tile(N: int, Q: int, K: int, channels_last: bool, dtype: torch.dtype):
+    """(BLOCK_R, BLOCK_K, num_warps) of the on-chip kernels for this [N, Q, K] view, or None
+    when a program's slab (padded to powers of two) exceeds ONCHIP_MAX_ELEMENTS.
+
+    Channels-first: one channel per program, rows the N samples, cols the K = S positions.
+    Channels-last: BLOCK_K channels per program, rows the N * Q (sample, position) pairs;
+    BLOCK_K spans 16 bytes on the unit-stride channel axis (narrower would waste the vector
+    accesses) and at most next_power_of_2(K) channels, else None."""
+    if N <= 0 or Q <= 0 or K <= 0:
+        return None
+    if channels_last:
+        block_r = triton.next_power_of_2(N * Q)
+        block_k = max(1, 16 // dtype.itemsize)
+        if block_k > triton.next_power_of_2(K):
+            return None
+    else:
+        block_r, block_k = triton.next_power_of_2(N), triton.next_power_of_2(K)
+    elements = block_r * block_k
+    if elements > ONCHIP_MAX_ELEMENTS:
+        return None
+    num_warps = max(1, min(16, elements // (32 * ONCHIP_VALUES_PER_THREAD)))
+    return block_r, block_k, num_warps
