@@ -104,7 +104,7 @@ def _setup(case, device, shape=(3, 4, 5, 6), seed=0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_unfused_torch_float64(case, device):
+def test_matches_unfused_torch_float64(case, device, either_path):
     x, r, dy, w, b, rm, rv = _setup(case, device)
     dtype, training, activation, save = case["dtype"], case["training"], case["activation"], case["save"]
     ref_y, ref_rm, ref_rv, ref_grads = reference(x, r, w, b, rm, rv, training, activation, save, dy)
