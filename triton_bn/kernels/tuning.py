@@ -220,10 +220,12 @@ def stats_splits(N: int, Q: int, K: int, channels_last: bool, device: torch.devi
 # 8192 padded elements on 16 warps is 16 values per thread per tile, the autotuned kernels'
 # bound (see TILE_WARPS); the backward keeps three such tiles (x, dy, dz; four with a
 # residual) live at once, and a 512-thread block gets at most 128 registers per thread on
-# sm_90. At the bound the plain kernels take 52-84 registers and spill nothing on sm_90
-# (fp32/fp16, both layouts; python -m triton_bn.report on 64x128 and 2048x4 / 1024x8 slabs).
-# A larger slab needs more values per thread live (32 at 16384: spill risk, unchecked) or a
-# shared-memory-resident slab (not built).
+# sm_90. At the bound both kernels, plain and with the heaviest epilogue (leaky_relu, residual,
+# from the output, dresidual), take 52-88 registers and spill nothing on sm_90 or sm_80, fp32/
+# fp16/bf16, NCHW/NHWC/NC (python -m triton_bn.report --kernel onchip: it compiles them on
+# 64 x 128 and 2048 x 4 / 1024 x 8 slabs; guarded by tests/test_report.py). fp64 is not in
+# the report. A larger slab needs more values per thread live (32 at 16384: spill risk,
+# unchecked) or a shared-memory-resident slab (not built).
 ONCHIP_MAX_ELEMENTS = 8192
 ONCHIP_VALUES_PER_THREAD = 16
 # Read once, like TRITON_INTERPRET: the dispatch must cost no environment lookup per call.

@@ -18,7 +18,8 @@ import sys
 from .launches import DTYPES, LAYOUTS, compile_jobs
 from .runner import run_jobs, tools_missing
 
-KERNEL_ORDER = ["stats_partial", "stats_combine", "normalize", "backward_partial", "backward_dx"]
+KERNEL_ORDER = ["stats_partial", "stats_combine", "normalize", "backward_partial", "backward_dx", "onchip_forward",
+                "onchip_backward"]
 COLUMNS = [  # (header, row -> text)
     ("kernel", lambda r: r["name"]),
     ("variant", lambda r: r["variant"]),
