@@ -5,7 +5,8 @@ size, dtype and layout and calls the launchers the autograd Function calls
 (``bn_forward_train``, ``bn_forward_eval``, ``bn_backward``), so the autotune keys are those
 a training job produces. Running statistics are scratch buffers made here: no model's state
 is read or written. The launchers run with the on-chip path off (``use_onchip(False)``): it is
-not autotuned, and a shape whose slab fits on chip would otherwise tune nothing. The timings are the autotuners' own (record.py).
+not autotuned, and a shape whose slab fits on chip would otherwise tune nothing. The timings
+are the autotuners' own (record.py).
 
 Bandwidth counts the bytes each kernel moves per call (T = numel, e = element size;
 per-channel vectors are noise), over the median time, as a % of a device-to-device copy
