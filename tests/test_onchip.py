@@ -186,12 +186,18 @@ def test_tile_covers_the_slab_within_the_bound():
 
 
 def test_channels_last_needs_16_byte_channel_blocks():
-    assert onchip_tile(50, 1, 37, True, torch.float32)[1] == 4  # 4 x 4 bytes
-    assert onchip_tile(50, 1, 37, True, torch.float16)[1] == 8
-    assert onchip_tile(50, 1, 37, True, torch.float64)[1] == 2
+    # At least 16 bytes of channels: 4 fp32, 8 fp16, 2 fp64 (2048 rows leave no room for more).
+    assert onchip_tile(32, 64, 64, True, torch.float32) == (2048, 4, 16)
+    assert onchip_tile(16, 64, 64, True, torch.float16) == (1024, 8, 16)
+    assert onchip_tile(64, 64, 64, True, torch.float64) == (4096, 2, 16)
+    assert onchip_tile(64, 64, 64, True, torch.float16) is None  # 4096 rows x 8 channels
     assert onchip_tile(50, 1, 3, True, torch.float32) is not None  # 4 <= next_power_of_2(3)
     assert onchip_tile(50, 1, 3, True, torch.float16) is None  # 8 channels of which 5 do not exist
     assert onchip_tile(64, 200, 64, True, torch.float32) is None  # 12800 rows
+    # Otherwise the widest block within the bound and next_power_of_2(C): fewer programs.
+    assert onchip_tile(50, 1, 37, True, torch.float32) == (64, 64, 8)
+    assert onchip_tile(2, 1, 2048, True, torch.float16) == (2, 2048, 8)
+    assert onchip_tile(4, 49, 512, True, torch.float32) == (256, 32, 16)
 
 
 def test_int64_addressing_takes_the_split_path(monkeypatch, device):

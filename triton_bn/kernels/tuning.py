@@ -255,15 +255,20 @@ def onchip_tile(N: int, Q: int, K: int, channels_last: bool, dtype: torch.dtype)
 
     Channels-first: one channel per program, rows the N samples, cols the K = S positions.
     Channels-last: BLOCK_K channels per program, rows the N * Q (sample, position) pairs;
-    BLOCK_K spans 16 bytes on the unit-stride channel axis (narrower would waste the vector
-    accesses) and at most next_power_of_2(K) channels, else None."""
+    BLOCK_K spans at least 16 bytes on the unit-stride channel axis (narrower would waste the
+    vector accesses) and at most next_power_of_2(K) channels, else None. Within that, the
+    widest block the bound allows: each row's access covers whole 32-byte sectors sooner, and
+    fewer programs (the interpreter pays per program)."""
     if N <= 0 or Q <= 0 or K <= 0:
         return None
     if channels_last:
         block_r = triton.next_power_of_2(N * Q)
         block_k = max(1, 16 // dtype.itemsize)
-        if block_k > triton.next_power_of_2(K):
+        widest = triton.next_power_of_2(K)
+        if block_k > widest:
             return None
+        while block_k < widest and block_r * block_k * 2 <= ONCHIP_MAX_ELEMENTS:
+            block_k *= 2
     else:
         block_r, block_k = triton.next_power_of_2(N), triton.next_power_of_2(K)
     elements = block_r * block_k
