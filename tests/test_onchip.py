@@ -198,6 +198,10 @@ def test_channels_last_needs_16_byte_channel_blocks():
     assert onchip_tile(50, 1, 37, True, torch.float32) == (64, 64, 8)
     assert onchip_tile(2, 1, 2048, True, torch.float16) == (2, 2048, 8)
     assert onchip_tile(4, 49, 512, True, torch.float32) == (256, 32, 16)
+    # ...except a tile that spills on sm_90 (tuning.ONCHIP_SPILLING_TILES): one step narrower.
+    assert onchip_tile(64, 1, 512, True, torch.float16) == (64, 64, 8)
+    assert onchip_tile(64, 1, 512, True, torch.bfloat16) == (64, 64, 8)  # the rule is by element size
+    assert onchip_tile(64, 1, 512, True, torch.float32) == (64, 128, 16)
 
 
 def test_int64_addressing_takes_the_split_path(monkeypatch, device):

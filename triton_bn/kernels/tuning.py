@@ -228,6 +228,12 @@ def stats_splits(N: int, Q: int, K: int, channels_last: bool, device: torch.devi
 # unchecked) or a shared-memory-resident slab (not built).
 ONCHIP_MAX_ELEMENTS = 8192
 ONCHIP_VALUES_PER_THREAD = 16
+# (BLOCK_R, BLOCK_K, element size) the channels-last widening skips: onchip_forward fp16 at
+# [64, 128] takes 64 registers + 8 bytes of stack on sm_90 (the --regAllocOptLevel=2 effect
+# of SPILLING_TILES). Found by compiling every bound-filling channels-last tile (BLOCK_R 8 to
+# 2048, fp32/fp16/bf16, plain and fused, sm_90 and sm_80) and channels-first tile (BLOCK_R 2
+# to 4096) with python -m triton_bn.report's machinery: the only spill.
+ONCHIP_SPILLING_TILES = {(64, 128, 2)}
 # Read once, like TRITON_INTERPRET: the dispatch must cost no environment lookup per call.
 _ONCHIP = os.environ.get("TRITON_BN_ONCHIP", "1") != "0"
 
@@ -267,7 +273,8 @@ def onchip_tile(N: int, Q: int, K: int, channels_last: bool, dtype: torch.dtype)
         widest = triton.next_power_of_2(K)
         if block_k > widest:
             return None
-        while block_k < widest and block_r * block_k * 2 <= ONCHIP_MAX_ELEMENTS:
+        while (block_k < widest and block_r * block_k * 2 <= ONCHIP_MAX_ELEMENTS
+               and (block_r, block_k * 2, dtype.itemsize) not in ONCHIP_SPILLING_TILES):
             block_k *= 2
     else:
         block_r, block_k = triton.next_power_of_2(N), triton.next_power_of_2(K)
