@@ -10,6 +10,9 @@ T = numel, e = element size. Effective bandwidth = unique bytes / median time (d
     copy           read x, write copy   = 2 T e    2 T e                  the ceiling itself
 
 fwd+bwd counts x twice: in training the two run at different times, so x must be read again.
+Shapes whose slab per channel fits on chip (kernels/onchip.py, tuning.onchip_tile) take a
+one-read path instead: they move the unique bytes (2 T e forward-train, 3 T e backward), and
+``moved_bytes`` (the split path's) overstates them.
 Per-channel vectors (C floats) are noise at real sizes and are left out.
 
 FLOPs count the math once per element, an FMA as 2 (so the roofline places every op, not the

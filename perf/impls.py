@@ -58,7 +58,8 @@ class Impl:
 
 class TritonBN(Impl):
     name = "triton_bn"
-    description = "triton_bn layer-1 launchers (2 launches forward-train, 1 eval, 2 backward)"
+    description = ("triton_bn layer-1 launchers (2 launches forward-train, 1 eval, 2 backward; "
+                   "1 and 1 where a channel's slab fits on chip)")
 
     def forward_train(self, x, weight, bias, running_mean, running_var):
         from triton_bn.kernels import bn_forward_train

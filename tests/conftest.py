@@ -19,6 +19,18 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def either_path(request):
+    """Runs the test on one of the two kernel paths for small slabs, on chip or split
+    (kernels/onchip.py, stats.py...), picked by a hash of the test id: a parametrized grid
+    then covers both paths at no extra cost. Yields True when on chip was allowed."""
+    import zlib
+    from triton_bn.kernels.tuning import use_onchip
+    onchip = zlib.crc32(request.node.nodeid.encode()) % 2 == 0
+    with use_onchip(onchip):
+        yield onchip
+
+
 # Hypothesis profiles for the property-based tests (tests/test_properties.py describes them).
 # Registered here so that hypothesis' pytest plugin can select one: --hypothesis-profile=long.
 try:

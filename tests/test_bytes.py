@@ -5,9 +5,13 @@ elements that fall inside an ``[N, Q, K]`` tensor (x, y, dy, dx) are counted per
 Per-channel vectors, partials and the statistics' pivot row are not in those ranges (the pivot
 row is, and is the allowance below: one element per program and channel).
 
+    split path
     forward, training   x read twice (statistics, normalize), y written once     3·T·e
     forward, eval       x read once, y written once                              2·T·e
     backward, training  x and dy read twice (reduction, dx), dx written once     5·T·e
+    on-chip path (a channel's slab fits in registers, kernels/onchip.py)
+    forward, training   x read once, y written once                              2·T·e
+    backward, training  x and dy read once, dx written once                      3·T·e
 """
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ import torch
 from triton.runtime import interpreter
 
 from tests.reference import random_input
-from triton_bn.kernels import bn_backward, bn_forward_eval, bn_forward_train
+from triton_bn.kernels import bn_backward, bn_forward_eval, bn_forward_train, use_onchip
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's memory accesses")
 
@@ -64,6 +68,7 @@ def _close(measured: float, expected: float, name: str):
 
 @pytest.mark.parametrize("shape,layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@use_onchip(False)
 def test_forward_training_reads_x_twice_writes_y_once(shape, layout, dtype, accesses, device):
     x = random_input(shape, dtype, device, layout, seed=30)
     C = shape[1]
@@ -87,6 +92,7 @@ def test_forward_eval_reads_x_once(shape, layout, accesses, device):
 
 
 @pytest.mark.parametrize("shape,layout", LAYOUTS)
+@use_onchip(False)
 def test_backward_training_reads_x_and_dy_twice(shape, layout, accesses, device):
     x = random_input(shape, torch.float32, device, layout, seed=32)
     dy = random_input(shape, torch.float32, device, layout, seed=33)
@@ -100,6 +106,7 @@ def test_backward_training_reads_x_and_dy_twice(shape, layout, accesses, device)
 
 
 @pytest.mark.parametrize("shape,layout", LAYOUTS[:2])
+@use_onchip(False)
 def test_fused_residual_is_read_once_forward_and_twice_backward(shape, layout, accesses, device):
     """act(BN(x) + r): r once in the forward; the backward recomputes z in both of its passes
     (r twice), writes dx and dr once each, and never writes the pre-activation."""
@@ -127,3 +134,51 @@ def test_fused_residual_is_read_once_forward_and_twice_backward(shape, layout, a
     stored = sum(len(a) for a in accesses.stores)
     big = dx.numel() + dr.numel()
     assert stored <= big * (1 + PIVOT_ALLOWANCE), f"{stored} elements stored: more than dx and dr"
+
+
+# (8, 4, 16, 16) has 2048 elements per channel: too many for one program on chip. These fit.
+ONCHIP_LAYOUTS = [((8, 4, 8, 16), "contiguous"), ((8, 8, 4, 16), "channels_last"), ((512, 24), "contiguous")]
+
+
+@pytest.mark.parametrize("shape,layout", ONCHIP_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onchip_forward_training_reads_x_once(shape, layout, dtype, accesses, device):
+    from triton_bn.kernels import input_view, onchip
+    x = random_input(shape, dtype, device, layout, seed=37)
+    assert onchip.onchip_tile_for(input_view(x)) is not None
+    C = shape[1]
+    y, _, _ = bn_forward_train(x, None, None, torch.zeros(C, device=device), torch.ones(C, device=device))
+    _close(accesses.count(x, "load"), 1.0, "x loads")
+    _close(accesses.count(y, "store"), 1.0, "y stores")
+    assert accesses.count(x, "store") == 0 and accesses.count(y, "load") == 0
+
+
+@pytest.mark.parametrize("shape,layout", ONCHIP_LAYOUTS)
+def test_onchip_backward_reads_x_and_dy_once(shape, layout, accesses, device):
+    x = random_input(shape, torch.float32, device, layout, seed=38)
+    dy = random_input(shape, torch.float32, device, layout, seed=39)
+    _, mean, invstd = bn_forward_train(x, None, None, None, None)
+    accesses.loads.clear(), accesses.stores.clear()
+    dx, _, _ = bn_backward(dy, x, None, mean, invstd)
+    _close(accesses.count(x, "load"), 1.0, "x loads")
+    _close(accesses.count(dy, "load"), 1.0, "dy loads")
+    _close(accesses.count(dx, "store"), 1.0, "dx stores")
+
+
+def test_onchip_fused_residual_is_read_once_each_way(accesses, device):
+    from triton_bn.kernels.activation import activation_code
+    relu, shape = activation_code("relu"), (8, 4, 8, 16)
+    x = random_input(shape, torch.float32, device, seed=40)
+    r = random_input(shape, torch.float32, device, "channels_last", seed=41)
+    dy = random_input(shape, torch.float32, device, seed=42)
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    y, mean, invstd = bn_forward_train(x, w, b, None, None, activation=relu, residual=r)
+    _close(accesses.count(x, "load"), 1.0, "x loads")
+    _close(accesses.count(r, "load"), 1.0, "residual loads")
+    accesses.loads.clear(), accesses.stores.clear()
+    dx, _, _, dr = bn_backward(dy, x, w, mean, invstd, needs_input_grad=(True, True, True, True), bias=b,
+                               activation=relu, residual=r)
+    for name, tensor in (("x", x), ("dy", dy), ("residual", r)):
+        _close(accesses.count(tensor, "load"), 1.0, f"{name} loads")
+    _close(accesses.count(dx, "store"), 1.0, "dx stores")
+    _close(accesses.count(dr, "store"), 1.0, "dresidual stores")

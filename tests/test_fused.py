@@ -104,7 +104,7 @@ def _setup(case, device, shape=(3, 4, 5, 6), seed=0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_unfused_torch_float64(case, device):
+def test_matches_unfused_torch_float64(case, device, either_path):
     x, r, dy, w, b, rm, rv = _setup(case, device)
     dtype, training, activation, save = case["dtype"], case["training"], case["activation"], case["save"]
     ref_y, ref_rm, ref_rv, ref_grads = reference(x, r, w, b, rm, rv, training, activation, save, dy)
@@ -387,22 +387,25 @@ def test_frozen_batchnorm2d_is_torchvisions(device):
 _SM90_WORKER = """
 from perf.host_driver import install
 install()
+import itertools
 import torch
-from triton_bn.kernels import bn_backward, bn_forward_eval, bn_forward_train
-for dtype, cl, act, res, from_output in ((torch.float32, True, 3, True, False), (torch.bfloat16, False, 5, True, True),
-                                         (torch.float64, False, 4, False, False)):
-    x = torch.randn(4, 8, 6, 6, dtype=dtype)
-    x = x.to(memory_format=torch.channels_last) if cl else x
-    r = torch.randn(4, 8, 6, 6, dtype=dtype) if res else None
-    pd = torch.float64 if dtype == torch.float64 else torch.float32
-    w, b = torch.rand(8, dtype=pd) + 0.5, torch.randn(8, dtype=pd)
-    rm, rv = torch.zeros(8, dtype=pd), torch.ones(8, dtype=pd)
-    y, mean, invstd = bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5, activation=act, residual=r, out=x.clone())
-    bn_forward_eval(x, w, b, rm, rv, 1e-5, activation=act, residual=r)
-    for training in (True, False):
-        stats = (mean, invstd) if training else (rm, rv)
-        bn_backward(y, y if from_output else x, w, *stats, 1e-5, training, (True, True, True, res), bias=b,
-                    activation=act, residual=r, from_output=from_output)
+from triton_bn.kernels import bn_backward, bn_forward_eval, bn_forward_train, use_onchip
+cases = ((torch.float32, True, 3, True, False), (torch.bfloat16, False, 5, True, True),
+         (torch.float64, False, 4, False, False))
+for onchip, (dtype, cl, act, res, from_output) in itertools.product((True, False), cases):  # both kernel paths
+    with use_onchip(onchip):
+        x = torch.randn(4, 8, 6, 6, dtype=dtype)
+        x = x.to(memory_format=torch.channels_last) if cl else x
+        r = torch.randn(4, 8, 6, 6, dtype=dtype) if res else None
+        pd = torch.float64 if dtype == torch.float64 else torch.float32
+        w, b = torch.rand(8, dtype=pd) + 0.5, torch.randn(8, dtype=pd)
+        rm, rv = torch.zeros(8, dtype=pd), torch.ones(8, dtype=pd)
+        y, mean, invstd = bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5, activation=act, residual=r, out=x.clone())
+        bn_forward_eval(x, w, b, rm, rv, 1e-5, activation=act, residual=r)
+        for training in (True, False):
+            stats = (mean, invstd) if training else (rm, rv)
+            bn_backward(y, y if from_output else x, w, *stats, 1e-5, training, (True, True, True, res), bias=b,
+                        activation=act, residual=r, from_output=from_output)
 print("compiled")
 """
 
@@ -410,7 +413,8 @@ print("compiled")
 @pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("clang")), reason="the stub libcuda needs a C compiler")
 def test_fused_variants_compile_for_sm90():
     """No GPU needed: perf's stub driver compiles the fused variants for sm_90 with the real
-    Triton/ptxas toolchain (the launch is a no-op), which the interpreter never does."""
+    Triton/ptxas toolchain (the launch is a no-op), which the interpreter never does; on chip
+    and on the split path."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_BN_CPU_KERNELS="1", TRITON_BN_PIN_CONFIG="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([sys.executable, "-c", _SM90_WORKER], cwd=Path(__file__).resolve().parents[1], env=env,

@@ -9,7 +9,7 @@ from triton_bn.kernels import backward as backward_kernels
 from triton_bn.kernels import normalize as normalize_kernels
 from triton_bn.kernels import stats as stats_kernels
 from triton_bn.kernels.launch import clear_plans
-from triton_bn.kernels.tuning import TILE_CONFIGS, prune_tile_configs, stats_splits
+from triton_bn.kernels.tuning import TILE_CONFIGS, prune_tile_configs, stats_splits, use_onchip
 
 # (shape, layout): NCHW, channels_last, BatchNorm1d (N, C) and (N, C, L), 5-D, strided views;
 # channel counts not powers of two and sizes not divisible by any block.
@@ -108,7 +108,8 @@ def test_normalize_writes_every_element(shape, layout, dtype, device):
 
 @pytest.mark.parametrize("shape,layout", CASES[:5])
 @pytest.mark.parametrize("training", [True, False])
-def test_backward_matches_float64(shape, layout, training, device):
+@pytest.mark.parametrize("onchip", [True, False], ids=["onchip", "split"])
+def test_backward_matches_float64(shape, layout, training, onchip, device):
     x = random_input(shape, torch.float32, device, layout, seed=6, mean=0.5, std=2.0)
     dy = random_input(shape, torch.float32, device, layout, seed=7)
     C = shape[1]
@@ -119,11 +120,12 @@ def test_backward_matches_float64(shape, layout, training, device):
     b64 = torch.zeros(C, dtype=torch.float64, device=device, requires_grad=True)
     y64 = torch.nn.functional.batch_norm(x64, rm.double(), rv.double(), w64, b64, training, 0.0, 1e-5)
     y64.backward(dy.double())
-    if training:
-        _, mean, invstd = bn_forward_train(x, weight, None, None, None, eps=1e-5)
-        dx, dw, db = bn_backward(dy, x, weight, mean, invstd, 1e-5, training=True)
-    else:
-        dx, dw, db = bn_backward(dy, x, weight, rm, rv, 1e-5, training=False)
+    with use_onchip(onchip):
+        if training:
+            _, mean, invstd = bn_forward_train(x, weight, None, None, None, eps=1e-5)
+            dx, dw, db = bn_backward(dy, x, weight, mean, invstd, 1e-5, training=True)
+        else:
+            dx, dw, db = bn_backward(dy, x, weight, rm, rv, 1e-5, training=False)
     assert_close(dx, x64.grad, torch.float32, "dx")
     assert_close(dw, w64.grad, torch.float32, "dweight", tol=1e-5)
     assert_close(db, b64.grad, torch.float32, "dbias", tol=1e-5)
@@ -199,7 +201,8 @@ def test_pruning_keeps_lanes_busy():
 
 
 def test_pinned_config_runs_alone(monkeypatch, device):
-    """TRITON_BN_PIN_CONFIG=1: every autotuned kernel runs exactly its first pruned config."""
+    """TRITON_BN_PIN_CONFIG=1: every autotuned kernel runs exactly its first pruned config
+    (split path: the on-chip kernels are not autotuned)."""
     monkeypatch.setenv("TRITON_BN_PIN_CONFIG", "1")
     kernels = [stats_kernels._bn_stats_partial_kernel, normalize_kernels._bn_normalize_kernel,
                backward_kernels._bn_backward_partial_kernel, backward_kernels._bn_backward_dx_kernel]
@@ -210,8 +213,9 @@ def test_pinned_config_runs_alone(monkeypatch, device):
     try:
         x = random_input((3, 5, 7, 6), torch.float32, device, seed=12)
         dy = random_input((3, 5, 7, 6), torch.float32, device, seed=13)
-        y, mean, invstd = bn_forward_train(x, None, None, None, None)
-        dx, _, _ = bn_backward(dy, x, None, mean, invstd)
+        with use_onchip(False):
+            y, mean, invstd = bn_forward_train(x, None, None, None, None)
+            dx, _, _ = bn_backward(dy, x, None, mean, invstd)
         for k in kernels:
             (config,) = set(k.cache.values())
             assert config == prune_tile_configs(TILE_CONFIGS, {"K": 42})[0]
@@ -255,6 +259,7 @@ def count_launches(monkeypatch) -> list:
     return calls
 
 
+@use_onchip(False)  # the split path; tests/test_onchip.py counts the on-chip path's launches
 def test_forward_train_and_backward_are_two_launches_each(device, monkeypatch):
     x = random_input((4, 3, 5, 6), torch.float32, device, seed=21)
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
@@ -267,6 +272,7 @@ def test_forward_train_and_backward_are_two_launches_each(device, monkeypatch):
     assert len(calls) == 2, "backward: the reduction (with the combine) + dx"
 
 
+@use_onchip(False)
 def test_autotuning_moves_the_running_statistics_exactly_once(device, monkeypatch):
     """Several candidates survive pruning (the GPU's rules): the autotuner runs each; the
     running statistics still take exactly one momentum step (tuned on scratch copies)."""
@@ -284,6 +290,7 @@ def test_autotuning_moves_the_running_statistics_exactly_once(device, monkeypatc
     assert_close(rv, 0.5 + 0.5 * ref_var * M / (M - 1), torch.float32, "running_var after one call")
 
 
+@use_onchip(False)
 def test_training_and_eval_normalize_tune_separately(device):
     """The eval normalize computes invstd from the running variance: its own autotune key."""
     x = random_input((3, 4, 5, 7), torch.float32, device, seed=23)
@@ -307,6 +314,7 @@ def test_addressing_flags_follow_the_geometry():
 
 
 @pytest.mark.parametrize("shape,layout", [((4, 5, 7, 9), "channels_last"), ((3, 7, 6, 10), "strided"), ((50, 37), "contiguous")])
+@use_onchip(False)  # the on-chip path requires int32 addressing
 def test_int64_addressing_gives_the_same_results(shape, layout, device, monkeypatch):
     """Tensors of 2^31 elements take 64-bit offsets; force that path on small ones."""
     from triton_bn.kernels import view as view_module

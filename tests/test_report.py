@@ -3,7 +3,8 @@
 Every shipped autotune config (triton_bn/kernels/tuning.py) of every autotuned kernel is
 compiled once, from the launchers' own arguments (see triton_bn/report/launches.py), the
 (dtype, layout) rotating over fp32/fp16/bf16 x NCHW/NHWC so that each kernel meets all six;
-the combine kernels with their fixed launch configs. Asserted: zero spill bytes everywhere,
+the combine kernels with their fixed launch configs, and the on-chip kernels (not autotuned)
+at the on-chip bound, each (kernel, variant) once with (dtype, layout) rotating. Asserted: zero spill bytes everywhere,
 and 128-bit loads (and stores) of the [N, Q, K] tiles in the elementwise and
 partial-reduction kernels. ~100 compiles in one subprocess without TRITON_INTERPRET;
 widths come from the PTX (``ld.global.v4.b32``), which one test checks against the SASS.
@@ -31,7 +32,8 @@ needs_tools = pytest.mark.skipif(MISSING is not None, reason=f"no GPU compiler t
 
 PAIRS = [(dtype, layout) for layout in ("NCHW", "NHWC") for dtype in ("fp32", "fp16", "bf16")]
 TILE_KERNELS = {"stats_partial", "backward_partial", "normalize", "backward_dx"}
-ELEMENTWISE = {"normalize", "backward_dx"}  # these also store tiles
+ELEMENTWISE = {"normalize", "backward_dx", "onchip_forward", "onchip_backward"}  # these also store tiles
+ONCHIP = {"onchip_forward", "onchip_backward"}
 
 
 def _config_key(config_items, num_warps):
@@ -59,7 +61,13 @@ def _sample_jobs():
         for i, config in enumerate(TILE_CONFIGS):
             dtype, layout = PAIRS[(i + k) % len(PAIRS)]
             selected.append(group[(dtype, layout, _config_key(config.kwargs.items(), config.num_warps))])
-    return tuple(selected + [job for job in _all_jobs() if not job.autotuned])
+    onchip = {}
+    for job in _all_jobs():
+        if job.name in ONCHIP:
+            onchip.setdefault((job.name, job.variant), {})[(job.dtype, job.layout)] = job
+    for k, (_, group) in enumerate(sorted(onchip.items())):
+        selected.append(group[PAIRS[k % len(PAIRS)]])
+    return tuple(selected + [job for job in _all_jobs() if not job.autotuned and job.name not in ONCHIP])
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,7 +90,12 @@ def test_sample_covers_every_shipped_config_and_input():
         mine = [j for j in jobs if (j.name, j.variant) == (name, variant)]
         assert {_config_key(j.config, j.num_warps) for j in mine} == SHIPPED, (name, variant)
         assert {(j.dtype, j.layout) for j in mine} == set(PAIRS), (name, variant)
-    assert {j.name for j in jobs if not j.autotuned} == {"stats_combine"}  # SyncBatchNorm's combine
+    # SyncBatchNorm's combine, and the on-chip kernels: every variant, plain and fused.
+    assert {j.name for j in jobs if not j.autotuned} == {"stats_combine"} | ONCHIP
+    assert {(j.name, j.variant) for j in jobs if j.name in ONCHIP} == {
+        ("onchip_forward", "train"), ("onchip_forward", "train-fused"), ("onchip_backward", "train"),
+        ("onchip_backward", "train-fused"), ("onchip_backward", "eval")}
+    assert all(j.num_warps == 16 for j in jobs if j.name in ONCHIP)  # at the bound
 
 
 @needs_tools
@@ -92,7 +105,7 @@ def test_shipped_configs_do_not_spill_and_move_tiles_128_bits_at_a_time():
     assert not failed, "compilation failed:\n" + "\n".join(failed)
     spilling = [_describe(r) for r in rows if r["spill_bytes"] or r["stack"] or r["local"]]
     assert not spilling, "configs that spill (drop them from TILE_CONFIGS):\n" + "\n".join(spilling)
-    narrow = [_describe(r) for r in rows if r["name"] in TILE_KERNELS and (
+    narrow = [_describe(r) for r in rows if r["name"] in TILE_KERNELS | ONCHIP and (
         not r["tile_lines"] or r["tile_ldg_count"] == 0 or r["tile_ldg_min"] != 128
         or (r["name"] in ELEMENTWISE and (r["tile_stg_count"] == 0 or r["tile_stg_min"] != 128)))]
     assert not narrow, "tile accesses narrower than 128 bits:\n" + "\n".join(narrow)

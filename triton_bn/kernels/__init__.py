@@ -4,8 +4,14 @@ The three launchers below compose the per-stage launchers into whole batch-norm 
 
     forward, training: statistics (partials; the last program per channel combines and
                        updates the running stats) -> normalize                           2 launches
+                       on chip (a channel's slab fits in registers, onchip.py)            1 launch
     forward, eval:     normalize with the running statistics                          1 launch
     backward:          reduction (the last program per channel adds the splits) -> dx   2 launches
+                       on chip                                                          1 launch
+
+The on-chip path is taken when ``splits`` is None, ``tuning.onchip_enabled()`` and
+``onchip.onchip_tile_for(view)`` (tuning.onchip_tile: the padded slab has at most
+ONCHIP_MAX_ELEMENTS elements; int32 addressing). SyncBatchNorm keeps the split path.
 
 Each takes the fused epilogue as keyword arguments: ``activation`` (a code of activation.py),
 ``negative_slope``, ``residual`` (y = act(BN(x) + residual)); the backward also ``bias`` (z
@@ -21,15 +27,17 @@ from .activation import ACTIVATIONS, activation_code, invertible
 from .backward import bn_backward_dx, bn_backward_reduce
 from .normalize import bn_normalize
 from .replay import replayable
+from .onchip import bn_onchip_backward, bn_onchip_forward, onchip_tile_for
 from .combine import bn_stats_combine, bn_stats_combine_groups
 from .stats import bn_stats, bn_stats_partial
+from .tuning import onchip_enabled, use_onchip
 from .view import NQKView, _geometry, mergeable, nqk_view, output_for
 
 __all__ = [
     "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view",
     "bn_stats", "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
     "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view", "output_for",
-    "ACTIVATIONS", "activation_code", "invertible",
+    "ACTIVATIONS", "activation_code", "invertible", "onchip_enabled", "use_onchip",
 ]
 
 
@@ -53,12 +61,19 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     y = act(BN(x) + residual) with the fused epilogue; ``out=x`` writes y over x (in-place)."""
     view = input_view(x)
     rm, rv = _contiguous(running_mean), _contiguous(running_var)
-    mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits)
+    tile = onchip_tile_for(view) if splits is None and onchip_enabled() else None
+    if tile is not None:  # the slab fits on chip: one launch, x read once
+        y, mean, invstd = bn_onchip_forward(view, tile, weight, bias, rm, rv, momentum, eps, num_batches_tracked,
+                                            activation=activation, negative_slope=negative_slope,
+                                            residual=residual, out=out)
+    else:
+        mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits)
     for buffer, updated in ((running_mean, rm), (running_var, rv)):
         if updated is not buffer:
             buffer.copy_(updated)
-    y = bn_normalize(view, mean, invstd, weight, bias, out=out, activation=activation,
-                     negative_slope=negative_slope, residual=residual)
+    if tile is None:
+        y = bn_normalize(view, mean, invstd, weight, bias, out=out, activation=activation,
+                         negative_slope=negative_slope, residual=residual)
     return y, mean, invstd
 
 
@@ -99,6 +114,11 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     fused = dict(bias=bias, activation=activation, negative_slope=negative_slope, residual=residual,
                  from_output=from_output)
     need_dw = need_dw and weight is not None
+    tile = onchip_tile_for(view) if splits is None and onchip_enabled() else None
+    if tile is not None:  # the slab fits on chip: one launch, x and dy read once
+        grads = bn_onchip_backward(view, tile, dy, mean, stat, weight, eps, training,
+                                   (need_dx, need_dw, need_db, need_dr), param_dtype, **fused)
+        return grads if len(needs_input_grad) > 3 else grads[:3]
     stat_is_var = not training
     sums = d_weight = d_bias = None
     if need_dw or need_db or ((need_dx or need_dr) and training):

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .activation import _recompute
-from .helpers import (_combine_block, _along_channel_axis, _elementwise_offsets, _elementwise_tile, _last_of_channel,
+from .helpers import (_combine_block, _along_channel_axis, _dx_coefficients, _elementwise_offsets,
+                      _elementwise_tile, _last_of_channel,
                       _load_channel_param, _load_channel_stats, _release_ticket,
                       _split_bounds, _tile_offsets, _wide_scalar, split_float)
 from .normalize import elementwise_grid
@@ -217,8 +218,7 @@ def _bn_backward_dx_kernel(
         sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         sum_dy_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         inv_count = _wide_scalar(inv_count_hi, inv_count_lo, ACC_DTYPE)
-        k_xmu = -a * invstd * invstd * sum_dy_xmu * inv_count
-        k_0 = -a * sum_dy * inv_count
+        k_xmu, k_0 = _dx_coefficients(a, invstd, sum_dy, sum_dy_xmu, inv_count)
         if FUSED:
             xmu = fused_xmu
         else:

@@ -73,17 +73,33 @@ def _combine_channels(
         g_m2 = tl.load(partial_ptr + partial_field_stride + offsets, mask=mask, other=0.0)
         delta = g_mean - shifted_mean[None, :]
         m2 += tl.sum(g_m2 + tl.where(g_count > 0, g_count * delta * delta, 0.0), 0)
-    mean = pivot + shifted_mean
-    # torch's variance of a channel holding NaN or +-Inf is NaN (x - mean is NaN somewhere).
-    m2 = tl.where(_is_finite(mean), m2, float("nan"))
-    var = m2 / tl.maximum(count, 1.0)
-    tl.store(mean_ptr + channels, mean, mask=channel_mask)
-    tl.store(invstd_ptr + channels, _invstd(var, eps), mask=channel_mask)
+    _, _, m2 = _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
+                                running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi, momentum_lo,
+                                eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_PENDING)
     if WRITE_MOMENTS:
         tl.store(moments_ptr + channels, shifted_mean, mask=channel_mask)
         tl.store(moments_ptr + C + channels, m2, mask=channel_mask)
         tl.store(moments_ptr + 2 * C + channels, count, mask=channel_mask)
         tl.store(moments_ptr + 3 * C + channels, pivot, mask=channel_mask)
+
+
+@triton.jit
+def _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
+                     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
+                     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, COUNT_PENDING: tl.constexpr):
+    """From a channel's merged shifted moments: store save_mean and save_invstd, move the
+    running statistics once (UPDATE_RUNNING), return (mean, invstd, m2). Shared by the
+    combine and the on-chip forward (onchip.py), which own their channels exclusively.
+    COUNT_PENDING: the launch increments the step counter after every program has read it
+    (_count_step), so the cumulative factor is 1 / (counter + 1)."""
+    acc_dtype = shifted_mean.dtype
+    mean = pivot + shifted_mean
+    # torch's variance of a channel holding NaN or +-Inf is NaN (x - mean is NaN somewhere).
+    m2 = tl.where(_is_finite(mean), m2, float("nan"))
+    var = m2 / tl.maximum(count, 1.0)
+    invstd = _invstd(var, eps)
+    tl.store(mean_ptr + channels, mean, mask=channel_mask)
+    tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
     if UPDATE_RUNNING:
         if CUMULATIVE_AVERAGE:
             factor = 1.0 / (tl.load(num_batches_tracked_ptr) + COUNT_PENDING).to(acc_dtype)
@@ -96,6 +112,7 @@ def _combine_channels(
         new_var = (1.0 - factor) * old_var.to(acc_dtype) + factor * unbiased_var
         tl.store(running_mean_ptr + channels, new_mean.to(old_mean.dtype), mask=channel_mask)
         tl.store(running_var_ptr + channels, new_var.to(old_var.dtype), mask=channel_mask)
+    return mean, invstd, m2
 
 
 @triton.jit

@@ -172,6 +172,17 @@ def _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST):
 
 
 @triton.jit
+def _count_step(ticket_ptr, num_batches_tracked_ptr):
+    """The step counter moves once per call, inside the statistics launch (no add_ kernel of its
+    own): each program that owns channels calls this after it has read the counter; the last
+    of the axis-0 programs to arrive increments it (each read precedes its program's acq_rel
+    ticket) and resets the int32 ticket, which is zero between calls."""
+    if tl.atomic_add(ticket_ptr, 1) == tl.num_programs(0) - 1:
+        tl.atomic_add(num_batches_tracked_ptr, 1)
+        tl.atomic_xchg(ticket_ptr, 0)
+
+
+@triton.jit
 def _release_ticket(tickets_ptr, pid_c):
     """Zero the channel's counter again, for the next call (no memset launch needed)."""
     tl.atomic_xchg(tickets_ptr + pid_c, 0)
@@ -228,6 +239,13 @@ def _load_channel_param(ptr, channels, mask, default, HAS_PARAM: tl.constexpr, A
         return tl.load(ptr + channels, mask=mask, other=default).to(ACC_DTYPE)
     else:
         return tl.full(channels.shape, default, ACC_DTYPE)
+
+
+@triton.jit
+def _dx_coefficients(a, invstd, sum_dz, sum_dz_xmu, inv_count):
+    """(k_xmu, k_0) of the training dx = a * dz + (x - mean) * k_xmu + k_0, per channel, from
+    the channel's sums of dz and dz * (x - mean); a = gamma * invstd."""
+    return -a * invstd * invstd * sum_dz_xmu * inv_count, -a * sum_dz * inv_count
 
 
 @triton.jit

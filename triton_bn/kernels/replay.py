@@ -15,8 +15,10 @@ argument's value. ``@replayable`` records the first call of a signature:
 and later calls of the signature allocate the same tensors (``empty_strided``) and launch the
 recorded plans in order. A call is only recorded when everything it launched is accounted
 for: a tensor of any other origin (e.g. a contiguous copy of a strided running statistic,
-which must be copied back) leaves the signature to the launcher, call after call; so does a
-call under the interpreter (no compiled plans) or with a Triton launch hook installed.
+which must be copied back) leaves the signature to the launcher, call after call; so does
+every call while a Triton launch hook is installed. Plans, hence replays, exist under the
+interpreter too, so the tests run this path.
+The key also holds the launchers' one global switch (``tuning.onchip_enabled()``).
 ``clear_plans`` forgets the recordings with the plans.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Dict
 import torch
 
 from . import launch
+from .tuning import onchip_enabled
 from .launch import _NOT_REPLAYABLE, _Recording, current_device, current_stream, launch_hooks
 
 
@@ -87,7 +90,8 @@ def replayable(launcher):
             return launcher(*args, **kwargs)
         device = current_device()
         try:
-            key = (launcher, device, tuple(map(_meta, args)), tuple((k, _meta(v)) for k, v in kwargs.items()))
+            key = (launcher, device, onchip_enabled(), tuple(map(_meta, args)),
+                   tuple((k, _meta(v)) for k, v in kwargs.items()))
             replay = _REPLAYS.get(key)
         except TypeError:  # an unhashable argument: nothing to key on
             return launcher(*args, **kwargs)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from .helpers import (_combine_block, _channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
+from .helpers import (_count_step, _combine_block, _channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
                       _split_bounds, _tile_offsets, split_float)
 from .combine import _combine_channels
 from .launch import Launch, fresh, stream_scratch, tensor_key
@@ -112,13 +112,7 @@ def _bn_stats_partial_kernel(
                               _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), COUNT_STEP)
             _release_ticket(tickets_ptr, pid_c)
             if COUNT_STEP:
-                # The step counter moves once per call, in this launch (no separate add_ kernel):
-                # the last channel block to combine increments it, after every block has read
-                # it (each read precedes its block's release of the shared ticket).
-                channel_blocks = tl.num_programs(0)
-                if tl.atomic_add(tickets_ptr + channel_blocks, 1) == channel_blocks - 1:
-                    tl.atomic_add(num_batches_tracked_ptr, 1)
-                    _release_ticket(tickets_ptr, channel_blocks)
+                _count_step(tickets_ptr + tl.num_programs(0), num_batches_tracked_ptr)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

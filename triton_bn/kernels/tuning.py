@@ -24,6 +24,7 @@ elementwise kernels through their flat walk (``flat_walk``) when the tensors are
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -267,3 +268,76 @@ def stats_splits(N: int, Q: int, K: int, channels_last: bool, device: torch.devi
     # Column chunks start on multiples of 128 elements so 16-byte vector alignment survives.
     cols_per_split = _round_up(cdiv(K, splits_k), 128)
     return Splits(rows_per_split, cols_per_split, splits_r, cdiv(K, cols_per_split))
+
+
+# ---------------------------------------------------------------------------------------------
+# The on-chip path (onchip.py): one program holds a channel's whole slab in registers. Not
+# autotuned (an autotuner would rerun the in-place running-statistics update): the tile and
+# num_warps are functions of the shape.
+
+# 8192 padded elements on 16 warps is 16 values per thread per tile, the autotuned kernels'
+# bound (see TILE_WARPS); the backward keeps three such tiles (x, dy, dz; four with a
+# residual) live at once, and a 512-thread block gets at most 128 registers per thread on
+# sm_90. At the bound both kernels, plain and with the heaviest epilogue (leaky_relu, residual,
+# from the output, dresidual), take 52-88 registers and spill nothing on sm_90 or sm_80, fp32/
+# fp16/bf16, NCHW/NHWC/NC (python -m triton_bn.report --kernel onchip: it compiles them on
+# 64 x 128 and 2048 x 4 / 1024 x 8 slabs; guarded by tests/test_report.py). fp64 is not in
+# the report. A larger slab needs more values per thread live (32 at 16384: spill risk,
+# unchecked) or a shared-memory-resident slab (not built).
+ONCHIP_MAX_ELEMENTS = 8192
+ONCHIP_VALUES_PER_THREAD = 16
+# (BLOCK_R, BLOCK_K, element size) the channels-last widening skips: onchip_forward fp16 at
+# [64, 128] takes 64 registers + 8 bytes of stack on sm_90 (the --regAllocOptLevel=2 effect
+# of SPILLING_TILES). Found by compiling every bound-filling channels-last tile (BLOCK_R 8 to
+# 2048, fp32/fp16/bf16, plain and fused, sm_90 and sm_80) and channels-first tile (BLOCK_R 2
+# to 4096) with python -m triton_bn.report's machinery: the only spill.
+ONCHIP_SPILLING_TILES = {(64, 128, 2)}
+# Read once, like TRITON_INTERPRET: the dispatch must cost no environment lookup per call.
+_ONCHIP = os.environ.get("TRITON_BN_ONCHIP", "1") != "0"
+
+
+def onchip_enabled() -> bool:
+    """Whether forward-train and backward may take the on-chip path (TRITON_BN_ONCHIP=0: never)."""
+    return _ONCHIP
+
+
+@contextlib.contextmanager
+def use_onchip(enabled: bool):
+    """Enable or disable the on-chip path inside the block (tests, tools that tune the split path)."""
+    global _ONCHIP
+    saved, _ONCHIP = _ONCHIP, bool(enabled)
+    try:
+        yield
+    finally:
+        _ONCHIP = saved
+
+
+@functools.lru_cache(maxsize=4096)
+def onchip_tile(N: int, Q: int, K: int, channels_last: bool, dtype: torch.dtype):
+    """(BLOCK_R, BLOCK_K, num_warps) of the on-chip kernels for this [N, Q, K] view, or None
+    when a program's slab (padded to powers of two) exceeds ONCHIP_MAX_ELEMENTS.
+
+    Channels-first: one channel per program, rows the N samples, cols the K = S positions.
+    Channels-last: BLOCK_K channels per program, rows the N * Q (sample, position) pairs;
+    BLOCK_K spans at least 16 bytes on the unit-stride channel axis (narrower would waste the
+    vector accesses) and at most next_power_of_2(K) channels, else None. Within that, the
+    widest block the bound allows: each row's access covers whole 32-byte sectors sooner, and
+    fewer programs (the interpreter pays per program)."""
+    if N <= 0 or Q <= 0 or K <= 0:
+        return None
+    if channels_last:
+        block_r = triton.next_power_of_2(N * Q)
+        block_k = max(1, 16 // dtype.itemsize)
+        widest = triton.next_power_of_2(K)
+        if block_k > widest:
+            return None
+        while (block_k < widest and block_r * block_k * 2 <= ONCHIP_MAX_ELEMENTS
+               and (block_r, block_k * 2, dtype.itemsize) not in ONCHIP_SPILLING_TILES):
+            block_k *= 2
+    else:
+        block_r, block_k = triton.next_power_of_2(N), triton.next_power_of_2(K)
+    elements = block_r * block_k
+    if elements > ONCHIP_MAX_ELEMENTS:
+        return None
+    num_warps = max(1, min(16, elements // (32 * ONCHIP_VALUES_PER_THREAD)))
+    return block_r, block_k, num_warps

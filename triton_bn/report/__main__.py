@@ -22,7 +22,8 @@ from .launches import DTYPES, LAYOUTS, compile_jobs
 from .runner import run_jobs, tools_missing
 from .shapes import BATCHES, FORMATS, SHAPE_SETS, case_rows, parse_shape, shape_jobs
 
-KERNEL_ORDER = ["stats_partial", "stats_combine", "normalize", "backward_partial", "backward_dx"]
+KERNEL_ORDER = ["stats_partial", "stats_combine", "normalize", "backward_partial", "backward_dx", "onchip_forward",
+                "onchip_backward"]
 COLUMNS = [  # (header, row -> text)
     ("kernel", lambda r: r["name"]),
     ("variant", lambda r: r["variant"]),

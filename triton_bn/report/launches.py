@@ -10,6 +10,12 @@ fixed launch config of a kernel that is not autotuned.
 Assumptions, stated once: tensor pointers are 16-byte aligned (PyTorch's allocator aligns
 to 512 bytes; the pruning targets 16-byte-aligned inputs); the statistics split is the one
 an H200 (132 SMs) gets.
+
+The representative shapes take the split path (its scenarios run with ``use_onchip(False)``);
+the on-chip kernels (kernels/onchip.py) are recorded on a slab of the same layout and dtype
+at the on-chip bound (``onchip_slab``: ONCHIP_MAX_ELEMENTS padded elements per program, 16
+warps), plain and with the heaviest epilogue (leaky_relu, residual; backward from the output
+with dresidual: four tiles live), the latter as variant "train-fused".
 """
 from __future__ import annotations
 
@@ -152,21 +158,52 @@ def _recording(sink: list):
 
 
 def _scenarios(x: torch.Tensor):
-    """(variant, thunk) for each way the library launches kernels on x."""
+    """(variant, thunk) for each way the library launches kernels on x (the split path), then
+    the on-chip kernels' launches on ``onchip_slab(x)``."""
     from triton_bn.kernels import (bn_backward, bn_forward_eval, bn_forward_train, bn_stats_combine,
                                    bn_stats_partial, input_view)
+    from triton_bn.kernels.tuning import use_onchip
     C = x.shape[1]
     vec = lambda: torch.empty(C, dtype=torch.float32, device=x.device)  # noqa: E731
     dy = torch.empty_like(x)
+    split = lambda thunk: lambda: _call_with(use_onchip(False), thunk)  # noqa: E731
+    slab = onchip_slab(x)
+    slab_dy, slab_r = torch.empty_like(slab), torch.empty_like(slab)
+    svec = lambda: torch.empty(slab.shape[1], dtype=torch.float32, device=x.device)  # noqa: E731
+    leaky = dict(activation=2, residual=slab_r)
     return [
-        ("train", lambda: bn_forward_train(x, vec(), vec(), vec(), vec(), 0.1, 1e-5)),
+        ("train", split(lambda: bn_forward_train(x, vec(), vec(), vec(), vec(), 0.1, 1e-5))),
         # SyncBatchNorm: partials alone, then the combine kernel over every rank's moments
         # (its own variant: the partial kernel without the fused combine is another binary).
         ("sync", lambda: bn_stats_combine(bn_stats_partial(input_view(x)), 1e-5, vec(), vec())),
         ("eval", lambda: bn_forward_eval(x, vec(), vec(), vec(), vec(), 1e-5)),
-        ("train", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=True)),
-        ("eval", lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=False)),
+        ("train", split(lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=True))),
+        ("eval", split(lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=False))),
+        ("train", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5)),
+        ("train-fused", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5, **leaky)),
+        ("train", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, training=True)),
+        ("train-fused", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, True, (True,) * 4,
+                                            bias=svec(), from_output=True, **leaky)),
+        ("eval", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, training=False)),
     ]
+
+
+def _call_with(context, thunk):
+    with context:
+        return thunk()
+
+
+def onchip_slab(x: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of x's layout and dtype whose slab per program is exactly at the on-chip
+    bound: NCHW 64 samples x 128 positions per channel; channels-last (NHWC, NC) the rows that
+    fill ONCHIP_MAX_ELEMENTS with 16 bytes of channels (2048 fp32 / 1024 fp16 rows)."""
+    from triton_bn.kernels.tuning import ONCHIP_MAX_ELEMENTS
+    rows = ONCHIP_MAX_ELEMENTS // (16 // x.element_size())
+    if x.dim() == 2:
+        return torch.empty((rows, 64), dtype=x.dtype, device="meta")
+    if x.is_contiguous():
+        return torch.empty((64, 8, 8, 16), dtype=x.dtype, device="meta")
+    return torch.empty((rows // 64, 64, 8, 8), dtype=x.dtype, device="meta").to(memory_format=torch.channels_last)
 
 
 def _specialize(name: str, value, do_not_specialize) -> Tuple[str, Any, bool]:

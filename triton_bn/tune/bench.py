@@ -4,7 +4,9 @@ Tool layer (triton_bn.tune), above the kernels. For each shape it builds an inpu
 size, dtype and layout and calls the launchers the autograd Function calls
 (``bn_forward_train``, ``bn_forward_eval``, ``bn_backward``), so the autotune keys are those
 a training job produces. Running statistics are scratch buffers made here: no model's state
-is read or written. The timings are the autotuners' own (record.py).
+is read or written. The launchers run with the on-chip path off (``use_onchip(False)``): it is
+not autotuned, and a shape whose slab fits on chip would otherwise tune nothing. The timings
+are the autotuners' own (record.py).
 
 Bandwidth counts the bytes each kernel moves per call (T = numel, e = element size;
 per-channel vectors are noise), over the median time, as a % of a device-to-device copy
@@ -18,7 +20,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import torch
 
 from ..kernels import bn_backward, bn_forward_eval, bn_forward_train
-from ..kernels.tuning import autotuned_kernels, do_bench, gpu_pruning, pinned
+from ..kernels.tuning import autotuned_kernels, do_bench, gpu_pruning, pinned, use_onchip
 from . import machine
 from .progress import Progress
 from .record import Recorder
@@ -82,6 +84,7 @@ class _Inputs:
         self.invstd = torch.rsqrt(x.var(reduce, unbiased=False) + EPS)
 
 
+@use_onchip(False)
 def _run(op: str, t: _Inputs):
     if op == "forward":
         bn_forward_train(t.x, t.weight, t.bias, t.running_mean, t.running_var, 0.1, EPS)
