@@ -249,13 +249,13 @@ def test_fused_statistics_are_bitwise_the_two_pass_ones(shape, layout, splits, d
 
 
 def count_launches(monkeypatch) -> list:
-    """A list that gets one entry per kernel launch: a plan's, or Triton's own (a first call)."""
+    """A list that gets the Launch of every kernel launch: a plan's, or Triton's own (a first call)."""
     from triton_bn.kernels import launch
     calls = []
     for cls, name in ((launch._Plan, "launch"), (launch._Plan, "launch_tensors"), (launch.Launch, "_first")):
         original = getattr(cls, name)
-        monkeypatch.setattr(cls, name, lambda self, *a, _original=original, **k: calls.append(self)
-                            or _original(self, *a, **k))
+        monkeypatch.setattr(cls, name, lambda self, *a, _original=original, **k:
+                            calls.append(getattr(self, "owner", self)) or _original(self, *a, **k))
     return calls
 
 

@@ -10,6 +10,7 @@ import torch
 from tests.reference import assert_close, random_input, reference_batch_norm
 from triton_bn.kernels import bn_backward, bn_forward_train, replay
 from triton_bn.kernels.launch import clear_plans
+from triton_bn.kernels.tuning import use_onchip
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
 
@@ -18,9 +19,16 @@ def _replay_of(launcher):
     return [r for k, r in replay._REPLAYS.items() if k[0] is launcher.__wrapped__]
 
 
+@pytest.fixture(params=[True, False], ids=["onchip", "split"])
+def path(request):
+    """Both launch paths (the replay key holds the switch)."""
+    with use_onchip(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_train_replays_match_the_reference(device, layout, dtype):
+def test_forward_train_replays_match_the_reference(device, layout, dtype, path):
     shape = (3, 5, 4, 6)
     w = random_input((5,), torch.float32, device, seed=1) if dtype != torch.float32 else \
         random_input((5,), dtype, device, seed=1)
@@ -41,7 +49,7 @@ def test_forward_train_replays_match_the_reference(device, layout, dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_backward_replays_match_the_reference(device, layout):
+def test_backward_replays_match_the_reference(device, layout, path):
     shape = (2, 4, 5, 3)
     w = random_input((4,), torch.float32, device, seed=3)
     clear_plans()
@@ -71,7 +79,7 @@ def test_replayed_outputs_are_new_tensors(device):
     assert torch.equal(y1, kept)
 
 
-def test_strided_running_statistics_are_never_replayed(device):
+def test_strided_running_statistics_are_never_replayed(device, path):
     """A strided running statistic is updated through a contiguous copy, copied back by the
     launcher's Python: that signature must run the launcher every time."""
     x_shape = (4, 3, 5)
@@ -98,6 +106,20 @@ def test_a_new_alignment_is_a_new_signature(device):
         y = bn_forward_train(x, None, None, None, None)[0]
         assert_close(y, reference_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)[0], torch.float32)
     assert len(_replay_of(bn_forward_train)) == 2
+
+
+def test_the_onchip_switch_is_part_of_the_signature(device, monkeypatch):
+    """A call recorded on one path is not replayed on the other after the switch flips."""
+    from tests.test_kernels import count_launches
+    x = random_input((2, 3, 4), torch.float32, device, seed=80)
+    clear_plans()
+    for enabled, launches in ((True, 1), (False, 2), (True, 1)):
+        with use_onchip(enabled):
+            bn_forward_train(x, None, None, None, None)
+            calls = count_launches(monkeypatch)
+            bn_forward_train(x, None, None, None, None)
+            assert len(calls) == launches, (enabled, calls)
+            monkeypatch.undo()
 
 
 def test_clear_plans_forgets_the_replays(device):

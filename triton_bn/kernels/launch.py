@@ -114,9 +114,10 @@ class _Plan:
     """A recorded launch: the kernel, its grid, the argument list with the tensors' positions
     (``slots``) left to fill per call, and the constexpr tail."""
 
-    __slots__ = ("grid", "template", "slots", "tail", "go")
+    __slots__ = ("owner", "grid", "template", "slots", "tail", "go")
 
-    def __init__(self, kernel, jit, grid3, args, tail, tail_names):
+    def __init__(self, owner, kernel, jit, grid3, args, tail, tail_names):
+        self.owner = owner  # the Launch it belongs to
         self.grid, self.tail = grid3, tail
         self.slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
         self.template = [None if i in self.slots else a for i, a in enumerate(args)]  # holds no tensor
@@ -232,7 +233,7 @@ class Launch:
         grid3 = tuple(grid(meta)) if callable(grid) else tuple(grid)
         grid3 = grid3 + (1,) * (3 - len(grid3))
         tail_names = self.names[len(args):]
-        plan = _Plan(None if interpreting() else kernel, self.jit, grid3, args,
+        plan = _Plan(self, None if interpreting() else kernel, self.jit, grid3, args,
                      tuple(meta[name] for name in tail_names), tail_names)
         self.plans[(current_device(), key)] = plan
         return plan
