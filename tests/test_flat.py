@@ -14,7 +14,16 @@ from triton_bn.kernels import backward as backward_kernels
 from triton_bn.kernels import normalize as normalize_kernels
 from triton_bn.kernels.activation import activation_code
 from triton_bn.kernels.view import nqk_view
-from triton_bn.kernels.tuning import TILE_CONFIGS, flat_elementwise, flat_walk, prune_tile_configs
+from triton_bn.kernels.launch import clear_plans
+from triton_bn.kernels.tuning import TILE_CONFIGS, flat_elementwise, flat_walk, prune_tile_configs, use_onchip
+
+
+@pytest.fixture(autouse=True)
+def split_path():
+    """The flat walk is the split path's elementwise kernels: keep these small shapes off the
+    on-chip path (tests/test_onchip.py covers that one)."""
+    with use_onchip(False):
+        yield
 
 # (shape, layout): NCHW 7x7 and 14x14 (the latter over two 4096-element blocks, with a tail),
 # (N, C, L) with S = 3, S = 1 (seen channels-last: K = C = 6), channels-last C = 3 and 5,
@@ -191,6 +200,7 @@ def test_flat_and_tiled_launches_tune_separately(device):
     mean, invstd = torch.zeros(C, device=device), torch.ones(C, device=device)
     for kernel in (normalize_kernels._bn_normalize_kernel, backward_kernels._bn_backward_dx_kernel):
         kernel.cache.clear()
+    clear_plans()  # a recorded plan would skip the autotuner
     for x in (dense, sliced):
         y = bn_normalize(input_view(x), mean, invstd, None, None)
         assert_close(y, x.double(), torch.float32, "y")
