@@ -157,21 +157,23 @@ def _recording(sink: list):
                 os.environ[key] = value
 
 
-def _scenarios(x: torch.Tensor):
+def _scenarios(x: torch.Tensor, dispatched: bool = False):
     """(variant, thunk) for each way the library launches kernels on x (the split path), then
-    the on-chip kernels' launches on ``onchip_slab(x)``."""
+    the on-chip kernels' launches on ``onchip_slab(x)``. ``dispatched``: the launches on x
+    alone, on whichever path the launchers pick under the current on-chip switch (the
+    ResNet-50 sweep records each shape with the switch off and on)."""
     from triton_bn.kernels import (bn_backward, bn_forward_eval, bn_forward_train, bn_stats_combine,
                                    bn_stats_partial, input_view)
     from triton_bn.kernels.tuning import use_onchip
     C = x.shape[1]
     vec = lambda: torch.empty(C, dtype=torch.float32, device=x.device)  # noqa: E731
     dy = torch.empty_like(x)
-    split = lambda thunk: lambda: _call_with(use_onchip(False), thunk)  # noqa: E731
+    split = (lambda thunk: thunk) if dispatched else (lambda thunk: lambda: _call_with(use_onchip(False), thunk))
     slab = onchip_slab(x)
     slab_dy, slab_r = torch.empty_like(slab), torch.empty_like(slab)
     svec = lambda: torch.empty(slab.shape[1], dtype=torch.float32, device=x.device)  # noqa: E731
     leaky = dict(activation=2, residual=slab_r)
-    return [
+    on_x = [
         ("train", split(lambda: bn_forward_train(x, vec(), vec(), vec(), vec(), 0.1, 1e-5))),
         # SyncBatchNorm: partials alone, then the combine kernel over every rank's moments
         # (its own variant: the partial kernel without the fused combine is another binary).
@@ -179,6 +181,10 @@ def _scenarios(x: torch.Tensor):
         ("eval", lambda: bn_forward_eval(x, vec(), vec(), vec(), vec(), 1e-5)),
         ("train", split(lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=True))),
         ("eval", split(lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=False))),
+    ]
+    if dispatched:
+        return on_x
+    return on_x + [
         ("train", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5)),
         ("train-fused", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5, **leaky)),
         ("train", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, training=True)),
@@ -280,11 +286,11 @@ def job_key(job: CompileJob) -> tuple:
             job.layout)
 
 
-def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,)) -> List[CompileJob]:
+def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,), dispatched: bool = False) -> List[CompileJob]:
     """The distinct jobs of every launch the library makes on ``x`` (a meta tensor), each
-    launch paired with every config it can run with."""
+    launch paired with every config it can run with (``dispatched``: see _scenarios)."""
     jobs: Dict[tuple, CompileJob] = {}
-    for variant, launch_all in _scenarios(x):
+    for variant, launch_all in _scenarios(x, dispatched):
         sink: List[_Launch] = []
         with _recording(sink):
             launch_all()

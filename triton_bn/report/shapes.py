@@ -83,7 +83,7 @@ def shape_jobs(shapes: Sequence[Tuple[int, int, int]] = RESNET50_SHAPES, batches
                 for dtype, layout in formats:
                     case = Case(N, C, H, W, dtype, layout, label)
                     with context():
-                        jobs = recorded_jobs(case.tensor(), dtype, layout, archs)
+                        jobs = recorded_jobs(case.tensor(), dtype, layout, archs, dispatched=True)
                     jobs = [j for j in jobs if j.kept and (not kernels or any(k in j.name for k in kernels))]
                     if first_config:
                         seen, first = set(), []
