@@ -200,7 +200,8 @@ def _bn_onchip_backward_kernel(
         if TRAINING:
             k_xmu, k_0 = _dx_coefficients(a, invstd, sum_dz, sum_dz_xmu, _wide_scalar(inv_count_hi, inv_count_lo,
                                                                                         ACC_DTYPE))
-            dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST, False) + _along_channel_axis(k_0, CHANNELS_LAST, False)
+            dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST, False) \
+                + _along_channel_axis(k_0, CHANNELS_LAST, False)
         tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from .helpers import (_count_step, _combine_block, _channel_pivot, _last_of_channel, _release_ticket, _lane_counts, _merge_groups,
-                      _split_bounds, _tile_offsets, split_float)
+from .helpers import (_channel_pivot, _combine_block, _count_step, _lane_counts, _last_of_channel, _merge_groups,
+                      _release_ticket, _split_bounds, _tile_offsets, split_float)
 from .combine import _combine_channels
 from .launch import Launch, fresh, stream_scratch, tensor_key
 from .tuning import autotune_tiles, cdiv, stats_splits
