@@ -33,6 +33,7 @@ import triton
 
 BLOCK_K_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
 TILE_ELEMENTS = (4096, 2048, 1024)
+MIN_TILE_ELEMENTS = 2048  # what pruning keeps for a 2-D tile when the shape allows (prune_tile_configs)
 # At most 16 elements per thread. At 32 (8192 elements on 8 warps) the statistics kernel
 # reaches ptxas 13's 128-register ceiling on sm_90 and spills up to 32 bytes (stats_partial
 # fp16 NCHW, BLOCK_K=1024: 128 regs, 22 spill instructions); 8192 on 16 warps spills on sm_80,
@@ -115,6 +116,12 @@ def prune_tile_configs(configs, named_args, **kwargs):
             widest = min(widest, PARTIAL_BLOCK_K)  # the width stats_splits sized the grid for
         wanted = (widest, widest // 2)
         kept = [c for c in configs if c.kwargs["BLOCK_K"] in wanted]
+        # 8 elements per thread (1024-element tiles) cost more instructions per element than an
+        # H200 can issue at full bandwidth in eval normalize/dx (fp16/bf16 channels-last) and the
+        # bf16 backward partial (python -m triton_bn.report --shapes resnet50): only where no
+        # larger tile is offered.
+        if any(_tile_elements(c) >= MIN_TILE_ELEMENTS for c in kept):
+            kept = [c for c in kept if _tile_elements(c) >= MIN_TILE_ELEMENTS]
     if not gpu_pruning() and kept:
         largest = max(_tile_elements(c) for c in kept)
         kept = [c for c in kept if _tile_elements(c) == largest]
