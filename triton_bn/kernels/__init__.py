@@ -13,6 +13,9 @@ The on-chip path is taken when ``splits`` is None, ``tuning.onchip_enabled()`` a
 ``onchip.onchip_tile_for(view)`` (tuning.onchip_tile: the padded slab has at most
 ONCHIP_MAX_ELEMENTS elements; int32 addressing). SyncBatchNorm keeps the split path.
 
+The statistics launch (either path) also increments ``num_batches_tracked`` when given.
+``bn_forward_train`` and ``bn_backward`` are replayed per call signature (replay.py).
+
 Each takes the fused epilogue as keyword arguments: ``activation`` (a code of activation.py),
 ``negative_slope``, ``residual`` (y = act(BN(x) + residual)); the backward also ``bias`` (z
 needs beta), ``from_output`` (its ``x`` argument is y: save="output") and returns dresidual.
