@@ -328,7 +328,7 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training:
         num_batches_tracked = None  # the statistics kernel counts the step; eval is no step
-    if not training:  # read only: any strides become the [C] vectors the kernels index
+        # Read only: any strides become the [C] vectors the kernels index.
         running_mean, running_var = _contiguous_param(running_mean), _contiguous_param(running_var)
     weight, bias = _contiguous_param(weight), _contiguous_param(bias)
     if save_output and weight is not None:
@@ -337,9 +337,8 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     # checks: no launch before); momentum=None tells it to use 1 / counter (cumulative).
     momentum = None if cumulative_average and num_batches_tracked is not None else float(momentum)
     eps, negative_slope = float(eps), float(negative_slope)
-    counter = num_batches_tracked
-    args = (input, weight, bias, running_mean, running_var, training, momentum, eps, counter, residual, code,
-            negative_slope, save_output, inplace)
+    args = (input, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked, residual,
+            code, negative_slope, save_output, inplace)
     if _traced(input) or _functorch_active():
         if inplace:  # traced: the out-of-place op, then a copy (save="output" keeps y, not x)
             return input.copy_(BatchNormFunction.apply(*args[:-1], False)[0])
@@ -348,12 +347,14 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
                                     or (bias is not None and bias.requires_grad)
                                     or (residual is not None and residual.requires_grad)):
         if code == 0 and residual is None and not save_output and not inplace:  # plain BN: the lean twin
-            return _apply_eager(input, weight, bias, running_mean, running_var, training, momentum, eps, counter)
+            return _apply_eager(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                num_batches_tracked)
         return _apply_fused(*args)[0]
     # Nothing to differentiate: no autograd node at all.
     fused = dict(activation=code, negative_slope=negative_slope, residual=residual, out=input if inplace else None)
     if training:
-        return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, counter, **fused)[0]
+        return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked,
+                                **fused)[0]
     return bn_forward_eval(input, weight, bias, running_mean, running_var, eps, **fused)
 
 

@@ -35,7 +35,7 @@ from .normalize import elementwise_grid
 from .launch import Launch, fresh, tensor_key
 from .stats import _tickets, acc_dtype, tl_dtype
 from .tuning import autotune_tiles, cdiv, flat_walk, stats_splits
-from .view import NQKView, addressing, dense, empty_output, nqk_view
+from .view import NQKView, addressing, empty_output, nqk_view, output_geometry
 
 
 @autotune_tiles()
@@ -299,7 +299,7 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     dx = fresh(empty_output(view))
     dr = fresh(empty_output(view)) if grad_residual else None
     dy_view = nqk_view(dy, view.channels_last)
-    dx_view = view._replace(tensor=dx) if dense(x) else nqk_view(dx, view.channels_last)
+    dx_view = NQKView(dx, *output_geometry(view, dx))
     fused = activation != 0 or from_output
     if not fused:  # dz = dy: neither beta nor the residual is read
         bias = residual = None

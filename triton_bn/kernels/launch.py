@@ -191,13 +191,11 @@ class Launch:
         launch's tensor arguments, in order, None ones left out) and nothing else computed;
         otherwise ``build()`` -> (grid, args, constexprs, scratch) and launch as ``__call__``.
         The key must fix every non-tensor argument."""
-        if self.direct and not launch_hooks():
-            device = current_device()
-            plan = self.plans.get((device, key))
-            if plan is not None:
-                plan.launch_tensors(current_stream(device), tensors)
-                record_launch(plan, tensors)
-                return
+        plan, stream = self._ready(key)
+        if plan is not None:
+            plan.launch_tensors(stream, tensors)
+            record_launch(plan, tensors)
+            return
         grid, args, constexprs, scratch = build()
         record_launch(self._first(key, grid, args, constexprs, scratch), tensors)
 
@@ -209,13 +207,20 @@ class Launch:
         The first call of a key runs once on clones of them, so that an autotuner, which runs
         every candidate several times, only ever moves the clones; then once for real."""
         record_launch(None, ())  # a launch no replay (replay.py) repeats
-        if self.direct and not launch_hooks():
-            device = current_device()
-            plan = self.plans.get((device, key))
-            if plan is not None:
-                plan.launch(current_stream(device), args)
-                return
+        plan, stream = self._ready(key)
+        if plan is not None:
+            plan.launch(stream, args)
+            return
         self._first(key, grid, args, constexprs, scratch)
+
+    def _ready(self, key: tuple):
+        """(the key's plan on the current device, the current stream), or (None, None) when
+        Triton's own path must run (no plan yet, plans off, a launch hook installed)."""
+        if not self.direct or launch_hooks():
+            return None, None
+        device = current_device()
+        plan = self.plans.get((device, key))
+        return (plan, current_stream(device)) if plan is not None else (None, None)
 
     def _first(self, key, grid, args, constexprs, scratch) -> Optional[_Plan]:
         """Triton's own launch (tuning, compiling); records and returns the plan (direct mode)."""

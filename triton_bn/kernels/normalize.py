@@ -23,7 +23,7 @@ from .helpers import (_along_channel_axis, _elementwise_offsets, _elementwise_ti
 from .stats import tl_dtype
 from .launch import Launch, fresh, tensor_key
 from .tuning import autotune_tiles, cdiv, flat_walk
-from .view import addressing, NQKView, dense, empty_output, mergeable, nqk_view
+from .view import addressing, NQKView, empty_output, mergeable, nqk_view, output_geometry
 
 
 @autotune_tiles("STAT_IS_VAR", "FLAT")
@@ -112,8 +112,7 @@ def bn_normalize(view: NQKView, mean: torch.Tensor, stat: torch.Tensor,
     ``activation``: a code of activation.py; ``residual``: x's shape, any strides."""
     x = view.tensor
     y = fresh(empty_output(view)) if out is None else out
-    same_strides = out is None and dense(x)  # then y's view is x's
-    y_geometry = view[1:] if same_strides else nqk_view(y, view.channels_last)[1:]
+    y_geometry = output_geometry(view, y, allocated=out is None)
     r_view = None
     if residual is not None:
         residual = mergeable(residual)

@@ -34,7 +34,7 @@ from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _dx_coef
 from .launch import Launch, fresh, tensor_key
 from .stats import _tickets, acc_dtype, tl_dtype
 from .tuning import cdiv, onchip_tile
-from .view import NQKView, _addressing, addressing, dense, empty_output, mergeable, nqk_view
+from .view import NQKView, _addressing, addressing, empty_output, mergeable, nqk_view, output_geometry
 
 
 @triton.jit
@@ -227,7 +227,7 @@ def _grid(C: int, channels_last: bool, block_k: int) -> tuple:
 def _views(view: NQKView, out: Optional[torch.Tensor], residual: Optional[torch.Tensor]):
     """The output (fresh in the input's memory format, or ``out``), its view and the residual's."""
     y = fresh(empty_output(view)) if out is None else out
-    y_view = view._replace(tensor=y) if out is None and dense(view.tensor) else nqk_view(y, view.channels_last)
+    y_view = NQKView(y, *output_geometry(view, y, allocated=out is None))
     r_view = None if residual is None else nqk_view(mergeable(residual), view.channels_last)
     return y, y_view, r_view
 
@@ -290,7 +290,7 @@ def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch
     dx = fresh(empty_output(view)) if need_dx else None
     dr = fresh(empty_output(view)) if need_dr else None
     out = dx if dx is not None else dr  # dx and dr share strides; neither: dx_view is unused
-    dx_view = view if out is None or dense(x) else nqk_view(out, view.channels_last)
+    dx_view = view if out is None else NQKView(out, *output_geometry(view, out))
     if param_dtype is None:
         param_dtype = weight.dtype if weight is not None else x.dtype
     d_weight = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_dw else None

@@ -146,6 +146,15 @@ def _empty_output(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def output_geometry(view: NQKView, y: torch.Tensor, allocated: bool = True) -> tuple:
+    """The [N, Q, K] geometry (an NQKView[1:]) of an output ``y`` of the view's shape: the
+    input's own when ``y`` came from ``empty_output`` (``allocated``) of a dense input, whose
+    strides empty_like keeps; otherwise y's own (a given ``out=``, or a non-dense input)."""
+    if allocated and dense(view.tensor):
+        return view[1:]
+    return nqk_view(y, view.channels_last)[1:]
+
+
 def output_for(x: torch.Tensor) -> torch.Tensor:
     """The uninitialized output (y, dx) the launchers allocate for input ``x``. Metadata only
     and uncached (shapes may be symbolic), so the ops' fake implementations use it to give
