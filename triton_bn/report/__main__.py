@@ -103,14 +103,19 @@ def main(argv=None) -> int:
                         layouts=_csv(args.layout), kernels=_csv(args.kernel), kept_only=args.kept_only)
     print(f"compiling {len(jobs)} kernel configs ...", file=sys.stderr)
     rows = run_jobs(jobs, workers=args.jobs, sass=not args.ptx)
-    if args.json:
+    return _emit(rows, args.json, f"widths from {'PTX' if args.ptx else 'SASS'}; kept = the autotuner's pruning "
+                 "keeps it for this shape; spill = STACK + LOCAL bytes", lambda: format_table(rows))
+
+
+def _emit(rows, as_json: bool, legend: str, tables) -> int:
+    """Print ``rows`` as JSON, or the toolchains and ``legend`` then ``tables()``; the exit status."""
+    if as_json:
         json.dump(rows, sys.stdout, indent=1)
         print()
     else:
         toolchains = sorted({r["toolchain"] for r in rows if "toolchain" in r})
-        print(f"# {'; '.join(toolchains)}; widths from {'PTX' if args.ptx else 'SASS'}; "
-              "kept = the autotuner's pruning keeps it for this shape; spill = STACK + LOCAL bytes")
-        print(format_table(rows))
+        print(f"# {'; '.join(toolchains)}; {legend}")
+        print(tables())
     return 1 if any("error" in r for r in rows) else 0
 
 
@@ -129,18 +134,12 @@ def _shapes_report(args) -> int:
     print(f"{len(cases)} cases, {sum(len(j) for _, j in cases)} rows, compiling {len(jobs)} distinct kernels ...",
           file=sys.stderr)
     rows = [shapes_table.with_budget(r) for r in case_rows(cases, jobs, run_jobs(jobs, workers=args.jobs))]
-    if args.json:
-        json.dump(rows, sys.stdout, indent=1)
-        print()
-    else:
-        toolchains = sorted({r["toolchain"] for r in rows if "toolchain" in r})
-        print(f"# {'; '.join(toolchains)}; SASS; kept configs per shape; instr/elem = main-loop (or whole-kernel) "
-              "SASS instructions / elements per thread per pass, '!' over the H200 budget at bandwidth "
-              "(README: Reading the kernel resource report)")
-        print(format_table(rows, shapes_table.COLUMNS, shapes_table.sort_key))
-        print("\n# worst row per kernel")
-        print(format_table(shapes_table.summary(rows), shapes_table.SUMMARY_COLUMNS, lambda s: 0))
-    return 1 if any("error" in r for r in rows) else 0
+    return _emit(rows, args.json, "SASS; kept configs per shape; instr/elem = main-loop (or whole-kernel) SASS "
+                 "instructions / elements per thread per pass, '!' over the H200 budget at bandwidth (README: "
+                 "Reading the kernel resource report)",
+                 lambda: format_table(rows, shapes_table.COLUMNS, shapes_table.sort_key)
+                 + "\n\n# worst row per kernel\n"
+                 + format_table(shapes_table.summary(rows), shapes_table.SUMMARY_COLUMNS, lambda s: 0))
 
 
 if __name__ == "__main__":
