@@ -1,5 +1,6 @@
 """triton_bn: batch normalization in Triton, a drop-in for torch.nn.BatchNorm1d/2d/3d."""
-from .functional import BatchNormFunction, backend, batch_norm
+from .function import BatchNormFunction
+from .functional import backend, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 from .fused_modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, FrozenBatchNorm2d
 from .fuse import FuseSummary, fuse_model

@@ -40,7 +40,8 @@ from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
 from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 
-from .functional import _check_args, _contiguous_param, uses_kernels
+from .checks import check_args
+from .functional import _contiguous_param, uses_kernels
 from .kernels import (bn_backward_dx, bn_backward_reduce, bn_normalize, bn_stats_combine,
                       bn_stats_combine_groups, bn_stats_partial, input_view)
 from .kernels.stats import acc_dtype
@@ -130,7 +131,7 @@ def _check_sync_args(input, running_mean, running_var, weight, bias, momentum, e
                          f"run through Triton's interpreter (TRITON_INTERPRET=1); got {input.device}")
     # torch's SyncBatchNorm skips the "more than 1 value per channel" check when synchronizing
     # (only the global count matters, and reading it would sync with the host): so do we.
-    _check_args(input, running_mean, running_var, weight, bias, True, momentum, eps, check_count=False)
+    check_args(input, running_mean, running_var, weight, bias, True, momentum, eps, check_count=False)
     for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
         if buffer is not None and not buffer.is_contiguous():
             raise ValueError(f"SyncBatchNorm: {name} must be contiguous (it is updated in place)")

@@ -41,14 +41,17 @@ torch.fx.wrap("_check_rank")
 torch.fx.wrap("_batch_norm")
 
 
-def _member(module: nn.Module, name: str):
-    """``getattr(module, name)`` for a parameter or buffer, without nn.Module.__getattr__."""
+def _members(module: nn.Module) -> tuple:
+    """(weight, bias, running_mean, running_var, num_batches_tracked), read without
+    nn.Module.__getattr__ (~0.7 us per parameter or buffer read): torch's BatchNorm registers
+    all five, as None where absent; a module that moved one elsewhere gets getattr."""
     parameters, buffers = module._parameters, module._buffers
-    if name in parameters:
-        return parameters[name]
-    if name in buffers:
-        return buffers[name]
-    return getattr(module, name)
+    try:
+        return (parameters["weight"], parameters["bias"], buffers["running_mean"], buffers["running_var"],
+                buffers["num_batches_tracked"])
+    except KeyError:
+        return tuple(getattr(module, name) for name in
+                     ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
 
 
 class _TritonBatchNorm:
@@ -71,24 +74,16 @@ class _TritonBatchNorm:
         """The batch norm of a checked input; ``fused``: batch_norm's fused keyword arguments
         (activation, negative_slope, residual, save, inplace; fused_modules.py)."""
         momentum = 0.0 if self.momentum is None else self.momentum
-        # nn.Module.__getattr__ costs ~0.7 us per parameter or buffer read: each is read once.
-        running_mean, running_var, counter = (_member(self, "running_mean"), _member(self, "running_var"),
-                                              _member(self, "num_batches_tracked"))
+        weight, bias, running_mean, running_var, counter = _members(self)
         training = self.training
         # The step counter moves only once the arguments have passed their checks.
         counting = training and self.track_running_stats and counter is not None
         # Batch statistics in training, and in eval when no running statistics exist.
         bn_training = training or (running_mean is None and running_var is None)
         use_buffers = not training or self.track_running_stats
-        return _batch_norm(
-            input,
-            running_mean if use_buffers else None,
-            running_var if use_buffers else None,
-            _member(self, "weight"), _member(self, "bias"), bn_training, momentum, self.eps,
-            num_batches_tracked=counter if counting else None,
-            cumulative_average=self.momentum is None,
-            **fused,
-        )
+        return _batch_norm(input, running_mean if use_buffers else None, running_var if use_buffers else None,
+                           weight, bias, bn_training, momentum, self.eps, counter if counting else None,
+                           self.momentum is None, **fused)
 
     def _fx_leaf(self, input: Proxy, *extra):
         """Under ``torch.fx.symbolic_trace``: this layer's ``call_module`` node, as the default

@@ -14,7 +14,8 @@ The on-chip path is taken when ``splits`` is None, ``tuning.onchip_enabled()`` a
 ONCHIP_MAX_ELEMENTS elements; int32 addressing). SyncBatchNorm keeps the split path.
 
 The statistics launch (either path) also increments ``num_batches_tracked`` when given.
-``bn_forward_train`` and ``bn_backward`` are replayed per call signature (replay.py).
+``bn_forward_train`` and ``bn_backward`` are replayed per call signature (replay.py);
+``bn_forward_eval`` only under a key its caller computed (``keyed``, eager.py).
 
 Each takes the fused epilogue as keyword arguments: ``activation`` (a code of activation.py),
 ``negative_slope``, ``residual`` (y = act(BN(x) + residual)); the backward also ``bias`` (z
@@ -84,6 +85,7 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+@replayable(by_arguments=False)  # its own key costs more than its Python: replayed under eager.py's
 def bn_forward_eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     running_mean: torch.Tensor, running_var: torch.Tensor, eps: float = 1e-5, *,
                     activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,

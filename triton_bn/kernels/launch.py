@@ -68,8 +68,9 @@ _NOT_REPLAYABLE = object()
 
 
 class _Recording:
-    def __init__(self, arguments: list):
+    def __init__(self, arguments: list, positions: list = (), names: list = ()):
         self.arguments = arguments  # the call's tensor arguments, in order
+        self.positions, self.names = positions, names  # where they are: args indices, then kwargs names
         self.fresh: list = []  # tensors the launcher allocated, in order
         self.scratch: list = []  # (tensor, how to get the current stream's one)
         self.steps: list = []  # (plan, tensors)
@@ -89,8 +90,8 @@ def fresh(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def stream_scratch(tensor: torch.Tensor, get: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-    """Mark ``tensor`` as a per-stream scratch buffer; a replay calls ``get(*args)`` for the
-    current stream's (which marks nothing: no recording is active then)."""
+    """Mark ``tensor`` as a per-stream scratch buffer; a replay calls ``get(*args, stream)``
+    (``stream``: current_stream's value) for the current stream's, which marks nothing."""
     if recording is not None and _recording():
         recording.scratch.append((tensor, functools.partial(get, *args)))
     return tensor

@@ -24,7 +24,8 @@ The key also holds the launchers' one global switch (``tuning.onchip_enabled()``
 from __future__ import annotations
 
 import functools
-from typing import Dict
+import operator
+from typing import Callable, Dict
 
 import torch
 
@@ -45,70 +46,124 @@ def _meta(value):
 
 
 class _Replay:
-    """The recorded call: allocations, launches with their tensors' sources, the result."""
+    """The recorded call: allocations, launches with their tensors' sources, the result.
+
+    A replay works on one *table*: the call's tensor arguments, then the fresh tensors, then
+    the scratch buffers. Each launch's argument list (tensors and recorded scalars; the plan
+    adds the constexpr tail) is one ``itemgetter`` over the table followed by the plan's
+    constants."""
 
     def __init__(self, recording: _Recording, result):
+        # The call's tensor arguments: positional ones by position, keyword ones by name (the
+        # key fixes both: which arguments are tensors, and the keywords' names and order).
+        self.positions, self.names = _getter(recording.positions), recording.names
         self.allocs = [(t.shape, t.stride(), t.dtype, t.device) for t in recording.fresh]
         self.scratch = [get for _, get in recording.scratch]
-        self.steps = [(plan, tuple(self._source(recording, t) for t in tensors))
-                      for plan, tensors in recording.steps]
+        table = [*recording.arguments, *recording.fresh, *(t for t, _ in recording.scratch)]
+        self.steps = []
+        for plan, tensors in recording.steps:
+            sources = iter([_index(table, t) for t in tensors])
+            constants = [a for i, a in enumerate(plan.template) if i not in plan.slots]
+            picks, constant = [], len(table)
+            for i in range(len(plan.template)):
+                if i in plan.slots:
+                    picks.append(next(sources))
+                else:
+                    picks.append(constant)
+                    constant += 1
+            self.steps.append((plan, _getter(picks), constants))
         self.tuple_result = isinstance(result, tuple)
-        self.result = tuple(None if t is None else self._source(recording, t)
+        self.result = tuple(None if t is None else _index(table, t)
                             for t in (result if self.tuple_result else (result,)))
 
-    @staticmethod
-    def _source(recording: _Recording, tensor) -> int:
-        """Index into the replay's tensor table: arguments, then fresh tensors, then scratch."""
-        for table_offset, table in ((0, recording.arguments),
-                                    (len(recording.arguments), recording.fresh),
-                                    (len(recording.arguments) + len(recording.fresh),
-                                     [t for t, _ in recording.scratch])):
-            for i, known in enumerate(table):
-                if known is tensor:
-                    return table_offset + i
-        raise LookupError
-
-    def __call__(self, arguments: list, device):
-        table = arguments + [torch.empty_strided(shape, stride, dtype=dtype, device=dev)
-                             for shape, stride, dtype, dev in self.allocs]
-        table += [get() for get in self.scratch]
+    def __call__(self, args: tuple, kwargs: dict, device):
+        table = list(self.positions(args))
+        if self.names:
+            table += [kwargs[name] for name in self.names]
+        for shape, stride, dtype, dev in self.allocs:
+            table.append(torch.empty_strided(shape, stride, dtype=dtype, device=dev))
         stream = current_stream(device)
-        for plan, sources in self.steps:
-            plan.launch_tensors(stream, [table[i] for i in sources])
-        result = tuple(None if i is None else table[i] for i in self.result)
+        for get in self.scratch:
+            table.append(get(stream))
+        for plan, pick, constants in self.steps:
+            plan.launch(stream, pick(table + constants))
+        result = tuple([None if i is None else table[i] for i in self.result])
         return result if self.tuple_result else result[0]
+
+
+def _getter(indices) -> Callable[[list], tuple]:
+    """``lambda seq: tuple(seq[i] for i in indices)`` in one C call (itemgetter returns a bare
+    item for one index)."""
+    indices = list(indices)
+    if len(indices) == 1:
+        return lambda seq, i=indices[0]: (seq[i],)
+    return operator.itemgetter(*indices) if indices else (lambda seq: ())
+
+
+def _index(table: list, tensor) -> int:
+    for i, known in enumerate(table):
+        if known is tensor:
+            return i
+    raise LookupError  # a tensor of unknown origin
 
 
 _REPLAYS: Dict[tuple, object] = {}
 
 
-def replayable(launcher):
-    """Record the first call of each signature of ``launcher`` and replay later ones."""
+def replayable(launcher=None, *, by_arguments: bool = True):
+    """Record the first call of each signature of ``launcher`` and replay later ones.
+
+    The wrapper's ``keyed(key, *args, **kwargs)`` takes the signature from its caller instead:
+    ``key`` must fix everything ``_meta`` reads from the arguments (eager.py's call signature
+    does, having read it for its own checks). ``by_arguments=False``: plain calls are not
+    replayed (a launcher whose own key costs more than the Python it skips), keyed calls are."""
+    if launcher is None:
+        return functools.partial(replayable, by_arguments=by_arguments)
+
     @functools.wraps(launcher)
     def call(*args, **kwargs):
-        if launch.recording is not None or launch_hooks():  # nested launcher, or a profiler watching
-            return launcher(*args, **kwargs)
-        device = current_device()
+        if not by_arguments or launch.recording is not None or launch_hooks():
+            return launcher(*args, **kwargs)  # a nested launcher, or a profiler watching
         try:
-            key = (launcher, device, onchip_enabled(), tuple(map(_meta, args)),
-                   tuple((k, _meta(v)) for k, v in kwargs.items()))
-            replay = _REPLAYS.get(key)
-        except TypeError:  # an unhashable argument: nothing to key on
+            key = (tuple(map(_meta, args)), tuple((k, _meta(v)) for k, v in kwargs.items()))
+            return _replay(launcher, key, args, kwargs)
+        except _Unhashable:  # an unhashable argument: nothing to key on
             return launcher(*args, **kwargs)
-        if replay is _NOT_REPLAYABLE:
+
+    def keyed(key, *args, **kwargs):
+        if launch.recording is not None or launch_hooks():
             return launcher(*args, **kwargs)
-        arguments = [a for a in args if isinstance(a, torch.Tensor)]
-        arguments += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-        if replay is not None:
-            return replay(arguments, device)
-        launch.recording = recording = _Recording(arguments)
-        try:
-            result = launcher(*args, **kwargs)
-        finally:
-            launch.recording = None
-        _REPLAYS[key] = _build(recording, result)
-        return result
+        return _replay(launcher, ("keyed", key), args, kwargs)
+
+    call.keyed = keyed
     return call
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _replay(launcher, key: tuple, args: tuple, kwargs: dict):
+    device = current_device()
+    key = (launcher, device, onchip_enabled(), key)
+    try:
+        replay = _REPLAYS.get(key)
+    except TypeError:
+        raise _Unhashable from None
+    if replay is not None and replay is not _NOT_REPLAYABLE:
+        return replay(args, kwargs, device)
+    if replay is _NOT_REPLAYABLE:
+        return launcher(*args, **kwargs)
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    launch.recording = recording = _Recording([args[i] for i in positions] + [kwargs[k] for k in names],
+                                              positions, names)
+    try:
+        result = launcher(*args, **kwargs)
+    finally:
+        launch.recording = None
+    _REPLAYS[key] = _build(recording, result)
+    return result
 
 
 def _build(recording: _Recording, result):
@@ -116,7 +171,7 @@ def _build(recording: _Recording, result):
         return _NOT_REPLAYABLE
     try:
         return _Replay(recording, result)
-    except LookupError:  # a tensor of unknown origin
+    except LookupError:
         return _NOT_REPLAYABLE
 
 

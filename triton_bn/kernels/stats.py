@@ -219,8 +219,12 @@ def _tickets(device: torch.device, programs: int) -> torch.Tensor:
     launch (also inside CUDA graphs). One buffer per stream: kernels on two streams may run at
     once."""
     stream = driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
+    return stream_scratch(_stream_tickets(device, programs, stream), _stream_tickets, device, programs)
+
+
+def _stream_tickets(device: torch.device, programs: int, stream: int) -> torch.Tensor:
     tickets = _TICKETS.get((device, stream))
     if tickets is None or tickets.numel() < programs:
         tickets = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
         _TICKETS[(device, stream)] = tickets
-    return stream_scratch(tickets, _tickets, device, programs)
+    return tickets

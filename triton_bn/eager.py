@@ -1,0 +1,152 @@
+"""Layer 2b: plain eager batch norm's fast path (over layer 1, kernels/ and its replays): each
+call signature checked once, then launched from its recordings.
+
+An eager call (a plain ``torch.Tensor``, no tracer, no torch.func transform, no fused
+epilogue) whose per-channel vectors are None or 1-D and contiguous is described completely by
+its *signature*:
+
+    input        shape, strides, dtype, device, 16-byte alignment
+    each vector  running_mean, running_var, weight, bias, num_batches_tracked:
+                 None, or dtype, device, shape, strides, 16-byte alignment
+    the rest     training, momentum, eps, cumulative average (momentum=None)
+
+``checks.check_args`` reads nothing else, so a signature that passed it once passes again:
+later calls skip the checks. Every decision the launchers make is a function of it too, so
+the signature is also the key of their replays (``keyed``; kernels/replay.py): their own key,
+a ``_meta`` per argument, is not computed again. A call then costs the signature, one dict
+lookup, the autograd node when something needs a gradient, the allocations and the launches.
+
+Anything else (a traced or fused call, strided vectors, an empty input, a device without
+kernels) gets ``None`` from ``prepared`` and takes functional.py's general path, which makes
+the same checks and launches the same kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import check_args
+from .function import functorch_active, gradients, traced
+from .kernels import bn_backward, bn_forward_eval, bn_forward_train
+from .kernels.tuning import cpu_kernels
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_CALLS: dict = {}
+_MAX_CALLS = 4096  # signatures differ by value in momentum and eps: a schedule must not grow this forever
+_GENERAL = object()  # a signature functional.py's general path serves
+
+
+def uses_kernels(x: torch.Tensor) -> bool:
+    """Whether ``x`` runs through the Triton kernels (vs. torch's fallback)."""
+    return x.is_cuda or (cpu_kernels() and x.is_cpu)
+
+
+def _vector(t: Optional[torch.Tensor]):
+    return None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
+
+
+def prepared(input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
+             cumulative_average) -> Optional["_Call"]:
+    """The checked call of this signature (checking it, and raising torch's error, the first
+    time), or None when the general path must serve it."""
+    if type(input) is not torch.Tensor or _is_compiling() or _dispatch_modes() or functorch_active():
+        return None
+    key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() & 15, training, momentum, eps,
+           cumulative_average, _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias),
+           _vector(counter))
+    call = _CALLS.get(key)
+    if call is None:
+        call = _prepare(key, input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
+                        cumulative_average)
+        if len(_CALLS) >= _MAX_CALLS:
+            _CALLS.clear()
+        _CALLS[key] = call
+    return None if call is _GENERAL else call
+
+
+class _Signature(tuple):
+    """A call signature that hashes once: the launchers' replay keys (replay.py) hold it and
+    are looked up on every call."""
+
+    def __new__(cls, key: tuple):
+        signature = super().__new__(cls, key)
+        signature._hash = tuple.__hash__(signature)
+        return signature
+
+    def __hash__(self):
+        return self._hash
+
+
+def _prepare(key, input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
+             cumulative_average):
+    vectors = (running_mean, running_var, weight, bias)
+    if (input.dim() < 2 or input.numel() == 0 or not uses_kernels(input)
+            or any(t is not None and not (t.dim() == 1 and t.is_contiguous()) for t in vectors)):
+        return _GENERAL
+    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)  # raises: nothing kept
+    return _Call(_Signature(key), training, None if cumulative_average and counter is not None else float(momentum),
+                 float(eps), (weight if weight is not None else bias if bias is not None else input).dtype)
+
+
+class _Call:
+    """One checked signature: the launchers' scalar arguments and the replay keys."""
+
+    __slots__ = ("key", "training", "momentum", "eps", "param_dtype")
+
+    def __init__(self, key, training, momentum, eps, param_dtype):
+        self.key, self.training, self.momentum, self.eps, self.param_dtype = key, training, momentum, eps, param_dtype
+
+    def __call__(self, input, weight, bias, running_mean, running_var, counter) -> torch.Tensor:
+        if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            return _apply(self, input, weight, bias, running_mean, running_var, counter)
+        return self.forward(input, weight, bias, running_mean, running_var, counter)[0]
+
+    def forward(self, input, weight, bias, running_mean, running_var, counter):
+        """(y, mean, stat): save_mean and save_invstd in training, the running statistics in
+        eval (what the backward reads). The statistics kernel counts the step (training only)."""
+        if self.training:
+            return bn_forward_train.keyed(self.key, input, weight, bias, running_mean, running_var, self.momentum,
+                                          self.eps, counter)
+        y = bn_forward_eval.keyed(self.key, input, weight, bias, running_mean, running_var, self.eps)
+        return y, running_mean, running_var
+
+    def backward(self, grad_output, input, weight, bias, mean, stat, needs):
+        if torch.is_grad_enabled() or traced(grad_output):  # double backward, or a traced backward
+            return gradients(grad_output, input, weight, bias, mean, stat, (*needs, False), self.training, self.eps,
+                             self.param_dtype)[:3]
+        # autograd hands a gradient of y's shape, dtype and device; its strides and alignment are
+        # its own. The saved x is the forward's unless a saved-tensors hook made a copy (new
+        # strides); mean and invstd are fresh allocations (allocator-aligned) or the running
+        # statistics, whose metadata is in the forward's key.
+        key = (self.key, grad_output.stride(), grad_output.dtype, grad_output.data_ptr() & 15, input.stride(),
+               input.data_ptr() & 15, needs)
+        return bn_backward.keyed(key, grad_output, input, weight, mean, stat, self.eps, self.training, needs, None,
+                                 self.param_dtype)
+
+
+class EagerBatchNormFunction(torch.autograd.Function):
+    """BatchNormFunction's eager twin, for plain calls outside tracers and torch.func: one
+    output (the statistics are saved, not returned), ``forward(ctx, ...)`` with no
+    setup_context, the checked call as its first argument: autograd wraps one tensor and makes
+    one Python call per direction."""
+
+    @staticmethod
+    def forward(ctx, call, input, weight, bias, running_mean, running_var, counter):
+        y, mean, stat = call.forward(input, weight, bias, running_mean, running_var, counter)
+        ctx.save_for_backward(input, weight, bias, mean, stat)
+        ctx.call = call
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, mean, stat = ctx.saved_tensors
+        dx, dw, db = ctx.call.backward(grad_output, input, weight, bias, mean, stat, ctx.needs_input_grad[1:4])
+        return None, dx, dw, db, None, None, None
+
+
+# Straight to the C++ apply: Function.apply's Python (functorch unwrapping) has nothing to do
+# here, prepared() having turned torch.func transforms away.
+_apply = super(torch.autograd.Function, EagerBatchNormFunction).apply

@@ -1,0 +1,117 @@
+"""Layer 2b: ``BatchNormFunction``, batch norm's autograd Function (over layer 2a, ops.py, and
+layer 1, kernels/), and the gradients both Functions share.
+
+Traced calls (torch.compile, torch.export, fake tensors, dispatch modes) and torch.func
+transforms come here and go through the registered ops (ops.py), which tracers see as single
+ops with declared mutations; eager fused calls come here too and call the launchers directly.
+Plain eager calls take eager.py's leaner twin.
+"""
+from __future__ import annotations
+
+import torch
+from . import ops
+from .composite import composite_grads
+from .kernels import bn_backward, bn_forward_eval, bn_forward_train
+
+def traced(x: torch.Tensor) -> bool:
+    """Whether this call is being traced (torch.compile, torch.export, make_fx, a fake or other
+    tensor subclass, a dispatch mode): then it must go through the registered ops, which
+    tracers see as one op with declared mutations. Eager calls skip the dispatcher and call
+    the same launchers directly (the dispatcher round trip costs more host time than a launch)."""
+    return (type(x) is not torch.Tensor or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """(y, save_mean, save_invstd) = act(BN(x; weight, bias) + residual); running statistics
+    updated in place (training). In eval mode the second and third outputs are empty: the
+    backward reads the running statistics. setup_context makes it usable under torch.func
+    transforms. ``save_output``: the backward keeps y, not x (In-Place ABN; weight > 0);
+    ``inplace``: y is written over x (x is marked dirty and returned)."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked,
+                residual=None, activation=0, negative_slope=0.01, save_output=False, inplace=False):
+        fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
+        is_traced = traced(input)  # traced calls never come here with inplace (see _batch_norm)
+        out = input if inplace else None
+        if training:
+            if is_traced:
+                y, mean, invstd = ops.forward_train(input, weight, bias, running_mean, running_var,
+                                                    num_batches_tracked, momentum, eps, activation, negative_slope,
+                                                    residual)
+            else:
+                y, mean, invstd = bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                                                   num_batches_tracked, out=out, **fused)
+        else:
+            if is_traced:
+                y = ops.forward_eval(input, weight, bias, running_mean, running_var, eps, activation, negative_slope,
+                                     residual)
+            else:
+                y = bn_forward_eval(input, weight, bias, running_mean, running_var, eps, out=out, **fused)
+            mean, invstd = input.new_empty((0,)), input.new_empty((0,))
+        return y, mean, invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, running_mean, running_var, training, momentum, eps, _, residual, activation,
+         negative_slope, save_output, inplace) = inputs
+        y, mean, stat = output
+        if not training:
+            mean, stat = running_mean, running_var
+        # The residual is read back only where z needs it: an activation, or x rebuilt from y.
+        keep_residual = residual if (activation != 0 or save_output) else None
+        ctx.save_for_backward(y if save_output else input, weight, bias, mean, stat, keep_residual)
+        if inplace:
+            ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(mean, stat)
+        ctx.training, ctx.eps = training, eps
+        ctx.activation, ctx.negative_slope, ctx.save_output = activation, negative_slope, save_output
+        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_stat):
+        saved, weight, bias, mean, stat, residual = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        dx, dw, db, dr = gradients(grad_output, saved, weight, bias, mean, stat, (n[0], n[1], n[2], n[9]),
+                                   ctx.training, ctx.eps, ctx.param_dtype, residual, ctx.activation,
+                                   ctx.negative_slope, ctx.save_output)
+        return dx, dw, db, None, None, None, None, None, None, dr, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(
+            "triton_bn.batch_norm has no torch.vmap rule (its kernels normalize one batch per call); "
+            "under vmap use torch.nn.functional.batch_norm, or loop over the vmapped dimension.")
+
+
+def gradients(grad_output, saved, weight, bias, mean, stat, needs, training, eps, param_dtype, residual=None,
+              activation=0, negative_slope=0.01, save_output=False):
+    """(dx, dweight, dbias, dresidual) for both Functions, None where ``needs`` (4 flags) says so.
+    ``saved`` is x (or y when ``save_output``); ``residual`` the one z needs (None otherwise);
+    ``mean``/``stat``: save_mean/save_invstd (training) or the running statistics (eval)."""
+    fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, gradient penalties): a differentiable
+        # composition of torch ops instead of the kernels.
+        if save_output:
+            raise RuntimeError("triton_bn.batch_norm: double backward (create_graph=True) needs the input, "
+                               "which save='output' does not keep; use save='input'")
+        grads = composite_grads(grad_output, saved, weight, bias, mean, stat, training, eps,
+                                needs if residual is not None else needs[:3], **fused)
+        if residual is None:  # no activation: z = BN(x) + r, so dr = dy
+            grads = (*grads, grad_output if needs[3] else None)
+        return grads
+    if traced(grad_output):
+        grads = ops.backward(grad_output, saved, weight, mean, stat, eps, training, list(needs), param_dtype,
+                             bias, activation, negative_slope, residual, save_output)
+        return tuple(g if need else None for g, need in zip(grads, needs))
+    return bn_backward(grad_output, saved, weight, mean, stat, eps, training, needs, param_dtype=param_dtype,
+                       bias=bias, from_output=save_output, **fused)
+
+
+# Function.apply adds Python around the C++ apply (default-argument binding with
+# inspect.signature for setup_context Functions, functorch unwrapping): eager calls outside
+# torch.func transforms pass every argument and go straight to the C++ apply.
+apply_fused = super(torch.autograd.Function, BatchNormFunction).apply
+functorch_active = torch._C._are_functorch_transforms_active
