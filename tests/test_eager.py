@@ -134,13 +134,40 @@ def test_the_signature_cache_is_bounded(device, monkeypatch):
     assert_close(rv, ref_rv, torch.float32, "running_var")
 
 
+@pytest.mark.parametrize("activation,residual", [("relu", True), ("relu", False), ("silu", True), (None, True)],
+                         ids=["relu-residual", "relu", "silu-residual", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_replayed_calls_match_the_reference(device, activation, residual, training, either_path):
+    """act(BN(x) + r), forward and backward (dresidual included), recorded then replayed."""
+    from tests.test_fused import EPS, SLOPE, reference
+    w, b, rm, rv = _vectors(device, torch.float32, seed=11)
+    w.requires_grad_(True), b.requires_grad_(True)
+    clear_plans()
+    for call in range(3):
+        x = random_input((3, 5, 4, 3), torch.float32, device, seed=60 + call, mean=2.0 * call).requires_grad_(True)
+        r = random_input((3, 5, 4, 3), torch.float32, device, "channels_last", seed=70 + call) if residual else None
+        r = None if r is None else r.requires_grad_(True)
+        dy = random_input((3, 5, 4, 3), torch.float32, device, seed=80 + call)
+        ref_y, ref_rm, ref_rv, ref_grads = reference(x, r, w, b, rm, rv, training, activation, "input", dy)
+        y = triton_bn.batch_norm(x, rm, rv, w, b, training, 0.1, EPS, activation=activation, negative_slope=SLOPE,
+                                 residual=r)
+        grads = torch.autograd.grad(y, [t for t in (x, w, b, r) if t is not None], dy)
+        assert_close(y, ref_y, torch.float32, f"y, call {call}")
+        assert_close(rm, ref_rm, torch.float32, f"running_mean, call {call}")
+        for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, ref_grads):
+            assert_close(got, want, torch.float32, f"{name}, call {call}")
+    forward = bn_forward_train if training else bn_forward_eval
+    assert [type(r).__name__ for r in _replays(forward)] == ["_Replay"]
+    assert [type(r).__name__ for r in _replays(bn_backward)] == ["_Replay"]
+
+
 def test_other_calls_take_the_general_path(device):
-    """Strided running statistics, tracers' tensor subclasses and fused calls are not the fast
-    path's: no signature is kept for them."""
+    """Strided running statistics and the memory mode (save="output") are not the fast path's:
+    no checked signature is kept for them."""
     eager._CALLS.clear()
     x = random_input((2, 6, 3), torch.float32, device, seed=8)
     strided = torch.zeros(12, device=device)[::2]
     triton_bn.batch_norm(x, strided, torch.ones(6, device=device), training=True)
-    triton_bn.batch_norm(x, None, None, training=True, activation="relu")
+    triton_bn.batch_norm(x, None, None, training=True, activation="leaky_relu", save="output")
     assert list(eager._CALLS.values()) == [eager._GENERAL]
     assert_close(strided, 0.1 * x.double().mean((0, 2)), torch.float32, "strided running_mean")

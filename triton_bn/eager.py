@@ -1,24 +1,27 @@
-"""Layer 2b: plain eager batch norm's fast path (over layer 1, kernels/ and its replays): each
-call signature checked once, then launched from its recordings.
+"""Layer 2b: eager batch norm's fast path (over layer 1, kernels/ and its replays): each call
+signature checked once, then launched from its recordings.
 
-An eager call (a plain ``torch.Tensor``, no tracer, no torch.func transform, no fused
-epilogue) whose per-channel vectors are None or 1-D and contiguous is described completely by
-its *signature*:
+An eager call (a plain ``torch.Tensor``, no tracer, no torch.func transform; save="input",
+not in place) whose per-channel vectors are None or 1-D and contiguous is described
+completely by its *signature*:
 
     input        shape, strides, dtype, device, 16-byte alignment
     each vector  running_mean, running_var, weight, bias, num_batches_tracked:
                  None, or dtype, device, shape, strides, 16-byte alignment
-    the rest     training, momentum, eps, cumulative average (momentum=None)
+    residual     None, or as a vector
+    the rest     training, momentum, eps, cumulative average (momentum=None), activation,
+                 negative_slope
 
-``checks.check_args`` reads nothing else, so a signature that passed it once passes again:
-later calls skip the checks. Every decision the launchers make is a function of it too, so
-the signature is also the key of their replays (``keyed``; kernels/replay.py): their own key,
-a ``_meta`` per argument, is not computed again. A call then costs the signature, one dict
-lookup, the autograd node when something needs a gradient, the allocations and the launches.
+``checks.check_fused`` (without in-place, its one per-call case) and ``checks.check_args``
+read nothing else, so a signature that passed them once passes again: later calls skip them.
+Every decision the launchers make is a function of it too, so the signature is also the key
+of their replays (``keyed``; kernels/replay.py): their own key, a ``_meta`` per argument, is
+not computed again. A call then costs the signature, one dict lookup, the autograd node when
+something needs a gradient, the allocations and the launches.
 
-Anything else (a traced or fused call, strided vectors, an empty input, a device without
-kernels) gets ``None`` from ``prepared`` and takes functional.py's general path, which makes
-the same checks and launches the same kernels.
+Anything else (a traced call, save="output" or in place, strided vectors, an empty input, a
+device without kernels) gets ``None`` from ``prepared`` and takes functional.py's general
+path, which makes the same checks and launches the same kernels.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_args
+from .checks import check_args, check_fused
 from .function import functorch_active, gradients, traced
 from .kernels import bn_backward, bn_forward_eval, bn_forward_train
 from .kernels.tuning import cpu_kernels
@@ -47,19 +50,20 @@ def _vector(t: Optional[torch.Tensor]):
     return None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
 
 
-def prepared(input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
-             cumulative_average) -> Optional["_Call"]:
+def prepared(input, running_mean, running_var, weight, bias, training, momentum, eps, counter, cumulative_average,
+             activation=None, negative_slope=0.01, residual=None) -> Optional["_Call"]:
     """The checked call of this signature (checking it, and raising torch's error, the first
-    time), or None when the general path must serve it."""
+    time), or None when the general path must serve it. The caller passes save="input",
+    inplace=False, and a float ``negative_slope`` and str-or-None ``activation`` (hashable)."""
     if type(input) is not torch.Tensor or _is_compiling() or _dispatch_modes() or functorch_active():
         return None
     key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() & 15, training, momentum, eps,
            cumulative_average, _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias),
-           _vector(counter))
+           _vector(counter), activation, negative_slope, _vector(residual))
     call = _CALLS.get(key)
     if call is None:
         call = _prepare(key, input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
-                        cumulative_average)
+                        cumulative_average, activation, negative_slope, residual)
         if len(_CALLS) >= _MAX_CALLS:
             _CALLS.clear()
         _CALLS[key] = call
@@ -80,71 +84,96 @@ class _Signature(tuple):
 
 
 def _prepare(key, input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
-             cumulative_average):
+             cumulative_average, activation, negative_slope, residual):
     vectors = (running_mean, running_var, weight, bias)
+    code = check_fused(input, activation, negative_slope, residual, "input", False)  # raises: nothing kept
     if (input.dim() < 2 or input.numel() == 0 or not uses_kernels(input)
             or any(t is not None and not (t.dim() == 1 and t.is_contiguous()) for t in vectors)):
         return _GENERAL
-    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)  # raises: nothing kept
+    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
+    fused = None if code == 0 and residual is None else dict(activation=code, negative_slope=float(negative_slope))
     return _Call(_Signature(key), training, None if cumulative_average and counter is not None else float(momentum),
-                 float(eps), (weight if weight is not None else bias if bias is not None else input).dtype)
+                 float(eps), param_dtype, fused)
 
 
 class _Call:
-    """One checked signature: the launchers' scalar arguments and the replay keys."""
+    """One checked signature: the launchers' scalar arguments and the replay keys.
+    ``fused``: the epilogue's keyword arguments (activation code, negative_slope), or None
+    for plain batch norm, whose launches take positional arguments only."""
 
-    __slots__ = ("key", "training", "momentum", "eps", "param_dtype")
+    __slots__ = ("key", "training", "momentum", "eps", "param_dtype", "fused")
 
-    def __init__(self, key, training, momentum, eps, param_dtype):
-        self.key, self.training, self.momentum, self.eps, self.param_dtype = key, training, momentum, eps, param_dtype
+    def __init__(self, key, training, momentum, eps, param_dtype, fused):
+        self.key, self.training, self.momentum, self.eps = key, training, momentum, eps
+        self.param_dtype, self.fused = param_dtype, fused
 
-    def __call__(self, input, weight, bias, running_mean, running_var, counter) -> torch.Tensor:
+    def __call__(self, input, weight, bias, running_mean, running_var, counter, residual=None) -> torch.Tensor:
         if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad)):
-            return _apply(self, input, weight, bias, running_mean, running_var, counter)
-        return self.forward(input, weight, bias, running_mean, running_var, counter)[0]
+                                        or (bias is not None and bias.requires_grad)
+                                        or (residual is not None and residual.requires_grad)):
+            return _apply(self, input, weight, bias, running_mean, running_var, counter, residual)
+        return self.forward(input, weight, bias, running_mean, running_var, counter, residual)[0]
 
-    def forward(self, input, weight, bias, running_mean, running_var, counter):
+    def forward(self, input, weight, bias, running_mean, running_var, counter, residual):
         """(y, mean, stat): save_mean and save_invstd in training, the running statistics in
         eval (what the backward reads). The statistics kernel counts the step (training only)."""
+        fused = self.fused
         if self.training:
+            if fused is None:
+                return bn_forward_train.keyed(self.key, input, weight, bias, running_mean, running_var,
+                                              self.momentum, self.eps, counter)
             return bn_forward_train.keyed(self.key, input, weight, bias, running_mean, running_var, self.momentum,
-                                          self.eps, counter)
-        y = bn_forward_eval.keyed(self.key, input, weight, bias, running_mean, running_var, self.eps)
+                                          self.eps, counter, residual=residual, **fused)
+        if fused is None:
+            y = bn_forward_eval.keyed(self.key, input, weight, bias, running_mean, running_var, self.eps)
+        else:
+            y = bn_forward_eval.keyed(self.key, input, weight, bias, running_mean, running_var, self.eps,
+                                      residual=residual, **fused)
         return y, running_mean, running_var
 
-    def backward(self, grad_output, input, weight, bias, mean, stat, needs):
+    def backward(self, grad_output, input, weight, bias, mean, stat, residual, needs):
+        """(dx, dweight, dbias, dresidual); ``residual``: the saved one (only an activation reads
+        it back), ``needs``: the four flags."""
+        fused = self.fused
         if torch.is_grad_enabled() or traced(grad_output):  # double backward, or a traced backward
-            return gradients(grad_output, input, weight, bias, mean, stat, (*needs, False), self.training, self.eps,
-                             self.param_dtype)[:3]
+            return gradients(grad_output, input, weight, bias, mean, stat, needs, self.training, self.eps,
+                             self.param_dtype, residual, **(fused or {}))
         # autograd hands a gradient of y's shape, dtype and device; its strides and alignment are
         # its own. The saved x is the forward's unless a saved-tensors hook made a copy (new
         # strides); mean and invstd are fresh allocations (allocator-aligned) or the running
-        # statistics, whose metadata is in the forward's key.
+        # statistics, whose metadata is in the forward's key, as is the residual's.
         key = (self.key, grad_output.stride(), grad_output.dtype, grad_output.data_ptr() & 15, input.stride(),
                input.data_ptr() & 15, needs)
+        if fused is None:
+            return (*bn_backward.keyed(key, grad_output, input, weight, mean, stat, self.eps, self.training,
+                                       needs[:3], None, self.param_dtype), None)
         return bn_backward.keyed(key, grad_output, input, weight, mean, stat, self.eps, self.training, needs, None,
-                                 self.param_dtype)
+                                 self.param_dtype, bias=bias, residual=residual, **fused)
 
 
 class EagerBatchNormFunction(torch.autograd.Function):
-    """BatchNormFunction's eager twin, for plain calls outside tracers and torch.func: one
-    output (the statistics are saved, not returned), ``forward(ctx, ...)`` with no
-    setup_context, the checked call as its first argument: autograd wraps one tensor and makes
-    one Python call per direction."""
+    """BatchNormFunction's eager twin, for calls outside tracers and torch.func: one output
+    (the statistics are saved, not returned), ``forward(ctx, ...)`` with no setup_context, the
+    checked call as its first argument: autograd wraps one tensor and makes one Python call
+    per direction."""
 
     @staticmethod
-    def forward(ctx, call, input, weight, bias, running_mean, running_var, counter):
-        y, mean, stat = call.forward(input, weight, bias, running_mean, running_var, counter)
-        ctx.save_for_backward(input, weight, bias, mean, stat)
+    def forward(ctx, call, input, weight, bias, running_mean, running_var, counter, residual):
+        y, mean, stat = call.forward(input, weight, bias, running_mean, running_var, counter, residual)
+        # The residual is read back only where z needs it: under an activation.
+        keep = residual if call.fused is not None and call.fused["activation"] != 0 else None
+        ctx.save_for_backward(input, weight, bias, mean, stat, keep)
         ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, bias, mean, stat = ctx.saved_tensors
-        dx, dw, db = ctx.call.backward(grad_output, input, weight, bias, mean, stat, ctx.needs_input_grad[1:4])
-        return None, dx, dw, db, None, None, None
+        input, weight, bias, mean, stat, residual = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        dx, dw, db, dr = ctx.call.backward(grad_output, input, weight, bias, mean, stat, residual,
+                                           (n[1], n[2], n[3], n[7]))
+        return None, dx, dw, db, None, None, None, dr
 
 
 # Straight to the C++ apply: Function.apply's Python (functorch unwrapping) has nothing to do

@@ -3,8 +3,9 @@ checks (checks.py), the eager fast path (eager.py), the autograd Function (funct
 layer 1 (kernels/).
 
 Every check runs before any kernel, so a bad call never leaves running statistics
-half-updated (the fused arguments' too: ``check_fused``). A plain eager call takes eager.py's
-path (its signature checked once); every other call is checked and dispatched here.
+half-updated (the fused arguments' too: ``check_fused``). An eager call takes eager.py's
+path (its signature checked once) unless it is in place or save="output"; every other call
+is checked and dispatched here.
 
 Fused epilogue: ``batch_norm(..., activation=, negative_slope=, residual=)`` computes
 y = act(BN(x) + residual) in the same kernels (kernels/activation.py).
@@ -78,11 +79,12 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     incremented once the arguments have passed their checks (by the statistics kernel, no
     launch of its own), and with ``cumulative_average`` (momentum=None) its reciprocal replaces
     ``momentum`` on the device, with no host sync."""
-    if activation is None and residual is None and save == "input" and not inplace and type(negative_slope) is float:
+    if (save == "input" and not inplace and type(negative_slope) is float
+            and (activation is None or type(activation) is str)):  # hashable: the signature holds them
         call = eager.prepared(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                              num_batches_tracked, cumulative_average)
-        if call is not None:  # plain, eager, its signature checked: launched from its recordings
-            return call(input, weight, bias, running_mean, running_var, num_batches_tracked)
+                              num_batches_tracked, cumulative_average, activation, negative_slope, residual)
+        if call is not None:  # eager, its signature checked: launched from its recordings
+            return call(input, weight, bias, running_mean, running_var, num_batches_tracked, residual)
     code = check_fused(input, activation, negative_slope, residual, save, inplace)
     save_output = save == "output"
     if input.dim() < 2 or input.numel() == 0 or not uses_kernels(input):
