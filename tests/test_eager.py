@@ -118,18 +118,25 @@ def test_a_saved_input_copied_by_a_hook_is_a_new_backward_signature(device):
         assert_close(dw, ref_dw, torch.float32, f"dweight, call {call}")
 
 
-def test_the_signature_cache_is_bounded(device, monkeypatch):
-    """A momentum schedule makes a signature per value: the cache forgets rather than grows."""
+def test_the_caches_are_bounded(device, monkeypatch):
+    """A momentum schedule makes a signature, a replay and a plan per value (their keys hold
+    float arguments by value): the caches forget rather than grow, and results stay right."""
+    from triton_bn.kernels import launch
     monkeypatch.setattr(eager, "_MAX_CALLS", 3)
+    monkeypatch.setattr(replay, "MAX_REPLAYS", 3)
+    monkeypatch.setattr(launch, "MAX_PLANS", 3)
     eager._CALLS.clear()
+    clear_plans()
     w, b, rm, rv = _vectors(device, torch.float32, seed=7)
     ref_rm, ref_rv = rm.clone(), rv.clone()
     for step in range(6):
         x = random_input((2, 5, 3), torch.float32, device, seed=50 + step, mean=1.0)
         momentum = 1.0 / (step + 1)
-        triton_bn.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5)
-        _, ref_rm, ref_rv, _ = reference_batch_norm(x, ref_rm, ref_rv, w, b, True, momentum, 1e-5)
-        assert len(eager._CALLS) <= 3
+        y = triton_bn.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5)
+        ref_y, ref_rm, ref_rv, _ = reference_batch_norm(x, ref_rm, ref_rv, w, b, True, momentum, 1e-5)
+        assert_close(y, ref_y, torch.float32, f"y, step {step}")
+        assert len(eager._CALLS) <= 3 and len(replay._REPLAYS) <= 3
+        assert all(len(kernel.plans) <= 3 for kernel in launch.all_launches())
     assert_close(rm, ref_rm, torch.float32, "running_mean")
     assert_close(rv, ref_rv, torch.float32, "running_var")
 

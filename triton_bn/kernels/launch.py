@@ -37,6 +37,9 @@ from .tuning import interpreting
 
 _ALL_LAUNCHES: list = []
 _CLEAR_HOOKS: list = []
+# Plans per kernel: past this many the kernel starts again (a new key re-plans through Triton's
+# path, whose caches keep the compiled kernel and the tuned config: no recompiling, no tuning).
+MAX_PLANS = 1024
 
 
 def current_device():
@@ -241,6 +244,8 @@ class Launch:
         tail_names = self.names[len(args):]
         plan = _Plan(self, None if interpreting() else kernel, self.jit, grid3, args,
                      tuple(meta[name] for name in tail_names), tail_names)
+        if len(self.plans) >= MAX_PLANS:  # keys hold float arguments by value (a momentum schedule)
+            self.plans.clear()
         self.plans[(current_device(), key)] = plan
         return plan
 
