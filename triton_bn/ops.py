@@ -32,8 +32,8 @@ around them), which the fused epilogues make up for.
 kernel, once per call (no separate ``add_`` launch); ``momentum=None`` is torch's cumulative
 average, 1 / the new count, read on the device.
 Autograd is not registered on these ops (torch refuses autograd formulas on ops that mutate
-their inputs); ``triton_bn.functional.BatchNormFunction`` wraps them, and calls the same
-launchers directly in eager mode, skipping the dispatcher (see functional.py).
+their inputs); ``triton_bn.function.BatchNormFunction`` wraps them when traced; eager calls
+reach the same launchers directly, skipping the dispatcher (function.py, eager.py).
 """
 from typing import List, Optional, Tuple
 
