@@ -41,7 +41,9 @@ from torch.fx import Proxy
 from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 
 from .checks import check_args
-from .functional import _contiguous_param, uses_kernels
+from .eager import uses_kernels
+from .function import param_dtype
+from .functional import _contiguous_param
 from .kernels import (bn_backward_dx, bn_backward_reduce, bn_normalize, bn_stats_combine,
                       bn_stats_combine_groups, bn_stats_partial, input_view)
 from .kernels.stats import acc_dtype
@@ -86,7 +88,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y = bn_normalize(view, mean, invstd, weight, bias) if input.numel() > 0 else torch.empty_like(input)
         ctx.save_for_backward(input, weight, mean, invstd, count)
         ctx.group = group
-        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
+        ctx.param_dtype = param_dtype(weight, bias, input)
         return y
 
     @staticmethod

@@ -30,12 +30,10 @@ from typing import Optional
 import torch
 
 from .checks import check_args, check_fused
-from .function import functorch_active, gradients, traced
+from .function import functorch_active, gradients, param_dtype, traced
 from .kernels import bn_backward, bn_forward_eval, bn_forward_train
 from .kernels.tuning import cpu_kernels
 
-_is_compiling = torch.compiler.is_compiling
-_dispatch_modes = torch._C._len_torch_dispatch_stack
 _CALLS: dict = {}
 _MAX_CALLS = 4096  # signatures differ by value in momentum and eps: a schedule must not grow this forever
 _GENERAL = object()  # a signature functional.py's general path serves
@@ -44,6 +42,12 @@ _GENERAL = object()  # a signature functional.py's general path serves
 def uses_kernels(x: torch.Tensor) -> bool:
     """Whether ``x`` runs through the Triton kernels (vs. torch's fallback)."""
     return x.is_cuda or (cpu_kernels() and x.is_cpu)
+
+
+def computes(input: torch.Tensor) -> bool:
+    """Whether the kernels compute a batch norm of ``input``: at least 2-D, not empty (torch's
+    own semantics serve those), on a device with kernels."""
+    return input.dim() >= 2 and input.numel() > 0 and uses_kernels(input)
 
 
 def _vector(t: Optional[torch.Tensor]):
@@ -55,7 +59,7 @@ def prepared(input, running_mean, running_var, weight, bias, training, momentum,
     """The checked call of this signature (checking it, and raising torch's error, the first
     time), or None when the general path must serve it. The caller passes save="input",
     inplace=False, and a float ``negative_slope`` and str-or-None ``activation`` (hashable)."""
-    if type(input) is not torch.Tensor or _is_compiling() or _dispatch_modes() or functorch_active():
+    if traced(input) or functorch_active():
         return None
     key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() & 15, training, momentum, eps,
            cumulative_average, _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias),
@@ -87,26 +91,26 @@ def _prepare(key, input, running_mean, running_var, weight, bias, training, mome
              cumulative_average, activation, negative_slope, residual):
     vectors = (running_mean, running_var, weight, bias)
     code = check_fused(input, activation, negative_slope, residual, "input", False)  # raises: nothing kept
-    if (input.dim() < 2 or input.numel() == 0 or not uses_kernels(input)
-            or any(t is not None and not (t.dim() == 1 and t.is_contiguous()) for t in vectors)):
+    if not computes(input) or any(t is not None and not (t.dim() == 1 and t.is_contiguous()) for t in vectors):
         return _GENERAL
     check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
     fused = None if code == 0 and residual is None else dict(activation=code, negative_slope=float(negative_slope))
     return _Call(_Signature(key), training, None if cumulative_average and counter is not None else float(momentum),
-                 float(eps), param_dtype, fused)
+                 float(eps), param_dtype(weight, bias, input), fused)
 
 
 class _Call:
     """One checked signature: the launchers' scalar arguments and the replay keys.
     ``fused``: the epilogue's keyword arguments (activation code, negative_slope), or None
-    for plain batch norm, whose launches take positional arguments only."""
+    for plain batch norm, whose launches take positional arguments only. ``keeps_residual``:
+    the backward reads the residual back (z needs it under an activation)."""
 
-    __slots__ = ("key", "training", "momentum", "eps", "param_dtype", "fused")
+    __slots__ = ("key", "training", "momentum", "eps", "param_dtype", "fused", "keeps_residual")
 
     def __init__(self, key, training, momentum, eps, param_dtype, fused):
         self.key, self.training, self.momentum, self.eps = key, training, momentum, eps
         self.param_dtype, self.fused = param_dtype, fused
+        self.keeps_residual = fused is not None and fused["activation"] != 0
 
     def __call__(self, input, weight, bias, running_mean, running_var, counter, residual=None) -> torch.Tensor:
         if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
@@ -161,9 +165,7 @@ class EagerBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, input, weight, bias, running_mean, running_var, counter, residual):
         y, mean, stat = call.forward(input, weight, bias, running_mean, running_var, counter, residual)
-        # The residual is read back only where z needs it: under an activation.
-        keep = residual if call.fused is not None and call.fused["activation"] != 0 else None
-        ctx.save_for_backward(input, weight, bias, mean, stat, keep)
+        ctx.save_for_backward(input, weight, bias, mean, stat, residual if call.keeps_residual else None)
         ctx.call = call
         return y
 

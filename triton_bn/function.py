@@ -13,6 +13,11 @@ from . import ops
 from .composite import composite_grads
 from .kernels import bn_backward, bn_forward_eval, bn_forward_train
 
+def param_dtype(weight, bias, input) -> torch.dtype:
+    """The dtype of weight and bias, hence of their gradients (the input's when both are None)."""
+    return (weight if weight is not None else bias if bias is not None else input).dtype
+
+
 def traced(x: torch.Tensor) -> bool:
     """Whether this call is being traced (torch.compile, torch.export, make_fx, a fake or other
     tensor subclass, a dispatch mode): then it must go through the registered ops, which
@@ -67,7 +72,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, stat)
         ctx.training, ctx.eps = training, eps
         ctx.activation, ctx.negative_slope, ctx.save_output = activation, negative_slope, save_output
-        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else input).dtype
+        ctx.param_dtype = param_dtype(weight, bias, input)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_stat):

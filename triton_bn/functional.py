@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import eager
 from .checks import check_args, check_fused
 from .composite import torch_activation
-from .eager import uses_kernels
+from .eager import computes, uses_kernels  # noqa: F401 (uses_kernels: part of this module's api)
 from .function import BatchNormFunction, apply_fused, functorch_active, traced
 from .kernels import bn_forward_eval, bn_forward_train
 from .kernels.tuning import cpu_kernels, interpreting
@@ -87,7 +87,7 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
             return call(input, weight, bias, running_mean, running_var, num_batches_tracked, residual)
     code = check_fused(input, activation, negative_slope, residual, save, inplace)
     save_output = save == "output"
-    if input.dim() < 2 or input.numel() == 0 or not uses_kernels(input):
+    if not computes(input):
         # Nothing to compute (torch's own semantics for empty and 1-D input: no statistics
         # update, a differentiable empty output), or no Triton backend for this device.
         # The fused epilogue as torch ops; inplace has no effect on this path.

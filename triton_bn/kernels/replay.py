@@ -69,14 +69,13 @@ class _Replay:
         self.steps = []
         for plan, tensors in recording.steps:
             sources = iter([_index(table, t) for t in tensors])
-            constants = [a for i, a in enumerate(plan.template) if i not in plan.slots]
-            picks, constant = [], len(table)
-            for i in range(len(plan.template)):
+            picks, constants = [], []
+            for i, value in enumerate(plan.template):
                 if i in plan.slots:
                     picks.append(next(sources))
-                else:
-                    picks.append(constant)
-                    constant += 1
+                else:  # after the table, in the constants appended to it
+                    picks.append(len(table) + len(constants))
+                    constants.append(value)
             self.steps.append((plan, _getter(picks), constants))
         self.tuple_result = isinstance(result, tuple)
         self.result = tuple(None if t is None else _index(table, t)
