@@ -29,7 +29,6 @@ from typing import Callable, Optional, Union
 import torch
 import torch.fx
 from torch.fx import Proxy
-from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 from torch.nn import Parameter
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -189,7 +188,7 @@ class BatchNorm(_TritonBatchNorm, _NormBase):
         self._reset_affine()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if _fx_state._is_fx_tracing_flag and isinstance(input, Proxy):
+        if isinstance(input, Proxy):  # only a tracer makes Proxies: no private tracing flag to read
             # torch.fx.symbolic_trace: a call_module leaf (modules.py says why); as the root,
             # traced through (movedim takes the axis as given, negative or not).
             leaf = self._fx_leaf(input)

@@ -38,7 +38,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
-from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 
 from .checks import check_args
 from .eager import uses_kernels
@@ -180,7 +179,7 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         return (group, world_size) if world_size > 1 else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if _fx_state._is_fx_tracing_flag and isinstance(input, Proxy):
+        if isinstance(input, Proxy):  # only a tracer makes Proxies: no private tracing flag to read
             return self._fx_leaf(input)  # torch.fx.symbolic_trace: a call_module leaf (modules.py)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)

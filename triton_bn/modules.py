@@ -8,7 +8,7 @@ forward changes, to the Triton kernels. momentum=None (cumulative moving average
 ``torch.fx.symbolic_trace``: torch's default tracer keeps only ``torch.nn`` modules whole (a
 ``call_module`` node) and traces through every other one, and tracing through torch's own
 forward fails (``_check_input_dim`` branches on the traced input). So, at the top of the
-forward, a traced input (an ``fx.Proxy``, a cheap flag test first) makes a layer emit the
+forward, a traced input (an ``fx.Proxy``, one isinstance test) makes a layer emit the
 ``call_module`` node itself: inside a traced model every triton_bn layer is a leaf, exactly as
 torch's BatchNorm is, and the GraphModule calls the module, which reads its train/eval flag
 (and SyncBatchNorm its process group) when it runs. Only a layer traced as the root (torch's
@@ -21,7 +21,6 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx import Proxy
-from torch.fx import _symbolic_trace as _fx_state  # ._is_fx_tracing_flag: symbolic_trace is running
 
 from .functional import _batch_norm
 
@@ -61,7 +60,7 @@ class _TritonBatchNorm:
     _RANKS: tuple = ()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if _fx_state._is_fx_tracing_flag and isinstance(input, Proxy):
+        if isinstance(input, Proxy):  # only a tracer makes Proxies: no private tracing flag to read
             leaf = self._fx_leaf(input)
             if leaf is not None:
                 return leaf
