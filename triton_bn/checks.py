@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import activation_code, invertible
+from .kernels import activation_code, check_writable, invertible
 from .kernels.activation import LEAKY_RELU
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -81,6 +81,8 @@ def check_fused(input, activation, negative_slope, residual, save, inplace) -> i
     if inplace and save != "output":
         raise ValueError("batch_norm: inplace=True overwrites the input, so the backward cannot read it: "
                          "it needs save='output'")
+    if inplace:
+        check_writable(input)
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"batch_norm: residual must be a Tensor, got {type(residual).__name__}")

@@ -38,7 +38,7 @@ from .tuning import onchip_enabled, use_onchip
 from .view import NQKView, _geometry, mergeable, nqk_view, output_for
 
 __all__ = [
-    "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view",
+    "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view", "check_writable",
     "bn_stats", "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
     "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view", "output_for",
     "ACTIVATIONS", "activation_code", "invertible", "onchip_enabled", "use_onchip",
@@ -49,6 +49,22 @@ def input_view(x: torch.Tensor) -> NQKView:
     """The kernels' view of an (N, C, *spatial) input; copies only non-mergeable spatial dims."""
     geometry = _geometry(tuple(x.shape), x.stride(), None)
     return NQKView(x, *geometry) if geometry is not None else nqk_view(x.contiguous())
+
+
+def check_writable(out: torch.Tensor) -> None:
+    """An in-place output (``inplace=True``, the launchers' ``out=``) must be one the kernels can
+    write without a race, checked before any launch. torch's rule for in-place ops (its
+    assert_no_internal_overlap): a dim of size > 1 with stride 0 makes several elements one
+    memory location: on a GPU their programs race, so torch's error. Spatial dims that do not
+    merge into one strided axis cannot be addressed by the kernels (view.py), and an in-place
+    call must not fall back to a copy it would then have to write back."""
+    if any(size > 1 and stride == 0 for size, stride in zip(out.shape, out.stride())):
+        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
+                           "single memory location. Please clone() the tensor before performing the operation.")
+    if out.dim() > 2 and _geometry(tuple(out.shape), out.stride(), None) is None:
+        raise ValueError("batch_norm(inplace=True): the input's spatial dimensions do not merge into one strided "
+                         "axis (e.g. a view sliced in two spatial directions), which the kernels cannot write in "
+                         "place; pass inplace=False or a contiguous input")
 
 
 @replayable
@@ -63,6 +79,8 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     ``num_batches_tracked`` (the step counter) is incremented by the statistics launch;
     ``momentum=None``: the cumulative average, factor 1 / its new value (as torch's modules).
     y = act(BN(x) + residual) with the fused epilogue; ``out=x`` writes y over x (in-place)."""
+    if out is not None:
+        check_writable(out)  # before the statistics launch moves the running statistics
     view = input_view(x)
     rm, rv = _contiguous(running_mean), _contiguous(running_var)
     tile = onchip_tile_for(view) if splits is None and onchip_enabled() else None
@@ -91,6 +109,8 @@ def bn_forward_eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
                     activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = act(BN(x) + residual) from the running statistics (``out=x``: in place)."""
+    if out is not None:
+        check_writable(out)
     return bn_normalize(input_view(x), running_mean, running_var, weight, bias, eps, stat_is_var=True, out=out,
                         activation=activation, negative_slope=negative_slope, residual=residual)
 
