@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (written for the lent H200; any CUDA machine works):
-#   1. the whole test suite on the GPU        (python3 -m pytest -x -q, at most TEST_TIMEOUT s)
+#   1. the whole test suite on the GPU        (python3 -m pytest -q, at most TEST_TIMEOUT s; no -x: one
+#      failing test must not cost the perf steps their evidence)
 #   2. the 'quick' perf suite -> CSV, summary, PNGs               (at most PERF_TIMEOUT s)
 #   3. a short tune of ResNet-50 batch 64 -> the first real tuning file   (at most TUNE_TIMEOUT s)
 #   4. a short whole-model run: python -m perf model, batch 64, bf16 channels-last, eager /
@@ -44,7 +45,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
-timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -x -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log"
+timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 
 timeout -k 10 "$PERF_TIMEOUT" "$PY" -m perf --suite quick --out "$OUT/results" 2>&1 | tee "$OUT/perf.log"
