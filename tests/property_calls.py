@@ -12,9 +12,6 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 
-
-
-
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # |mean| / std reachable in each dtype: fp16 tops out at 65504, bf16 keeps 8 bits.
@@ -188,8 +185,10 @@ def nonfinite_values(max_count=3):
 
 @dataclass(frozen=True)
 class GradSpec:
-    """dy: ``kind`` random (N(0, scale^2)) or constant (every element ``scale``: its sums are
-    exact, and large ones overflow fp16 unless accumulated wider)."""
+    """dy: ``kind`` random (N(0, scale^2)), constant (every element ``scale``: its sums are
+    exact, and large ones overflow fp16 unless accumulated wider), per_channel (channel c all
+    ``scale * CHANNEL_GRADS[c % 4]``) or near_constant (that times 1 + k/8, k in {-1, 0, 1} per
+    element: few bits, so the sums stay exact while dy - mean(dy) is small against dy)."""
     kind: str
     scale: float
     layout: Layout
@@ -202,12 +201,23 @@ def grad_specs(draw, rank: int, feature_axis: int):
     return GradSpec(kind, scale, draw(layouts(rank, feature_axis, ("contiguous", "channels_last", "mixed"))))
 
 
+CHANNEL_GRADS = (1.0, -0.75, 0.375, -1.25)
+
+
 def make_grad(spec: GradSpec, shape, feature_axis: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     base = base_shape(shape, spec.layout)
+    g = torch.Generator().manual_seed(seed)
     if spec.kind == "constant":
         values = torch.full(base, spec.scale, dtype=torch.float64)
+    elif spec.kind in ("per_channel", "near_constant"):
+        view = [1] * len(base)
+        view[feature_axis] = base[feature_axis]
+        per_channel = torch.tensor([CHANNEL_GRADS[c % 4] for c in range(base[feature_axis])], dtype=torch.float64)
+        values = (spec.scale * per_channel.view(view)).expand(base).clone()
+        if spec.kind == "near_constant":
+            values *= 1.0 + torch.randint(-1, 2, base, generator=g).double() / 8
     else:
-        values = torch.randn(base, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * spec.scale
+        values = torch.randn(base, generator=g, dtype=torch.float64) * spec.scale
     return materialize(values, shape, spec.layout, dtype)
 
 
@@ -240,9 +250,6 @@ def param_dtypes(dtype):
     # Half input runs with float32 parameters (AMP) or with its own dtype.
     return st.sampled_from((torch.float32, dtype)) if dtype in HALF else st.just(dtype)
 
-
-# ---------------------------------------------------------------------------------------------
-# Comparisons.
 
 # ---------------------------------------------------------------------------------------------
 # The functional API: triton_bn.batch_norm(..., axis=k) vs torch.nn.functional.batch_norm.
@@ -291,6 +298,24 @@ def calls(draw, ranks=(2, 3, 4, 5), max_elements=MAX_ELEMENTS, dtypes=DTYPES, st
         grad=draw(grad_specs(rank, feature)), training=draw(st.booleans()),
         weight=draw(st.booleans()), bias=draw(st.booleans()), stats=stats,
         momentum=draw(MOMENTA), eps=draw(EPSILONS), seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+@st.composite
+def degenerate_calls(draw):
+    """Training calls with near-constant channels (issue 18): constant x, so invstd ~ 1/sqrt(eps),
+    beside normal ones, and dy constant or nearly so per channel, in any layout, stride 0 too."""
+    call = draw(calls(dtypes=(torch.float32, torch.float16, torch.bfloat16), nonfinite=False,
+                      stats=draw(st.sampled_from(("none", "both"))),
+                      layout_names=("contiguous", "channels_last", "expanded", "mixed")))
+    rank, feature = len(call.shape), call.axis % len(call.shape)
+    constant = st.sampled_from((0.0, 1.0, -3.0, 1.37, 100.0)).map(lambda v: Flavour("constant", v, 0.0))
+    kinds = st.one_of(constant, constant, st.just(Flavour("normal", 0.5, 1.0)))
+    grad = GradSpec(draw(st.sampled_from(("constant", "per_channel", "near_constant"))),
+                    draw(st.sampled_from((1.0, -7.0, 200.0, 1000.0))),
+                    draw(layouts(rank, feature, ("contiguous", "channels_last", "expanded", "mixed"))))
+    return dataclasses.replace(call, flavours=tuple(draw(st.lists(kinds, min_size=call.shape[feature],
+                                                                    max_size=call.shape[feature]))),
+                               grad=grad, training=True, eps=draw(st.sampled_from((1e-5, 1e-3))))
 
 
 def _build(call: Call):

@@ -70,6 +70,17 @@ def rounding_budgets(x, dy, weight, bias, running_mean, running_var, batch_stats
     if batch_stats:
         dx_shift = w * invstd ** 2 * shift * ((dys * xhat).sum(1).abs() / count + max_xhat * dys.sum(1).abs() / count)
         dx = ROUNDINGS * w * invstd * max_dy * (2.0 + max_xhat) + MEAN_ROUNDINGS * dx_shift
+        # Where dy's sums are exact (constant or few-bit dy) mean(dy) rounds once and dy - mean(dy)
+        # is exact where they are close: dx = w*invstd*(dy - mean(dy) - ...) owes nothing to |dy|
+        # itself. This is what catches a*dy - a*mean(dy) cancelling on a near-constant channel
+        # (invstd ~ 1/sqrt(eps)) and leaving the roundings of its two large terms.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean_dy = dys.sum(1) / count
+        mean_rounding = (mean_dy.to(acc).double() - mean_dy).abs() / torch.finfo(acc).eps
+        centred = torch.where(finite, dys - mean_dy[:, None], zero).abs().amax(1)
+        conditioned = (ROUNDINGS * w * invstd * (centred + max_dy * max_xhat)
+                       + MEAN_ROUNDINGS * (w * invstd * mean_rounding + dx_shift))
+        dx = torch.where(exact_sums(dys, acc), conditioned, dx)
     else:
         dx = ROUNDINGS * w * invstd * max_dy
     out = {"y": ROUNDINGS * (w * max_xhat + b) + MEAN_ROUNDINGS * w * invstd * shift, "dx": dx,
@@ -79,6 +90,17 @@ def rounding_budgets(x, dy, weight, bias, running_mean, running_var, batch_stats
         m, keep = (1.0, 1.0) if momentum is None else (abs(momentum), abs(1.0 - momentum))
         out["running_mean"] = ROUNDINGS * (keep * running_mean.detach().double().abs() + m * xs.abs().amax(1))
     return {k: v.nan_to_num(0.0, 0.0, 0.0) for k, v in out.items()}
+
+
+def exact_sums(values: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Per row of float64 ``values``: whether every sum of them is exact in ``acc``, in any order:
+    all are multiples of q, the smallest lowest set bit among them, and the sum of their
+    magnitudes stays below 2^digits(acc) q."""
+    mantissa, exponent = torch.frexp(values)
+    bits = (mantissa * 2.0 ** 53).to(torch.int64)
+    lowest = torch.ldexp((bits & -bits).abs().double(), exponent - 53)
+    q = torch.where(values != 0, lowest, torch.full((), math.inf, dtype=torch.float64)).amin(1)
+    return (values.abs().sum(1) < q / torch.finfo(acc).eps * 2.0) | q.isinf()
 
 
 def assert_matches(name: str, ours: torch.Tensor, ref: torch.Tensor, theirs: torch.Tensor,

@@ -355,3 +355,42 @@ def test_in_place_normalize_autotunes_on_a_scratch_output(device, monkeypatch):
     y = x.clone()
     bn_forward_eval(y, None, None, rm, rv, 1e-5, out=y)
     assert_close(y, expected, torch.float32, "in-place y after tuning")
+
+
+@pytest.mark.parametrize("activation,bias,dtype,onchip", [
+    ("relu", 3.0, torch.float16, True), ("relu", 3.0, torch.float32, False),
+    ("leaky_relu", -3.0, torch.float32, True), ("leaky_relu", -3.0, torch.float16, False)])
+def test_fused_dx_on_constant_channels(activation, bias, dtype, onchip):
+    """Issue 18 item 5 through the fused epilogue, where dz = dy * act'(z) takes dy's place: on
+    constant channels with constant dy, z = beta + r stays on one side of the kink, so dz is
+    constant per channel as well and dx must be as exact as torch's (tests/property_oracle.py)."""
+    import torch.nn.functional as F
+    import triton_bn
+    from tests.property_calls import Flavour, GradSpec, channel_data, contiguous, make_grad
+    from tests.property_oracle import assert_matches, rounding_budgets
+    from triton_bn.composite import torch_activation
+    from triton_bn.kernels.activation import activation_code
+    shape, slope = (12, 3, 25), 0.25  # a slope of few bits: dz's sums stay exact
+    flavours = (Flavour("constant", 1.37, 0.0), Flavour("normal", 0.0, 1.0), Flavour("constant", -3.0, 0.0))
+    x = channel_data(shape, 1, flavours, seed=5).to(dtype)
+    dy = make_grad(GradSpec("constant", 1000.0, contiguous(3)), shape, 1, dtype, seed=6)
+    r = (torch.randint(0, 5, shape, generator=torch.Generator().manual_seed(7)) / 4).to(dtype)
+    w, b = torch.tensor([1.5, 0.8, -1.9]), torch.full((3,), bias)
+
+    def dx(ours, wide=False):
+        t = (lambda v: v.double()) if wide else (lambda v: v)
+        leaf = t(x).detach().clone().requires_grad_()
+        if ours:
+            with use_onchip(onchip):
+                y = triton_bn.batch_norm(leaf, None, None, w, b, True, 0.1, 1e-5, activation=activation,
+                                         negative_slope=slope, residual=r)
+        else:
+            z = F.batch_norm(leaf, None, None, t(w), t(b), True, 0.1, 1e-5) + t(r)
+            y = torch_activation(z, activation_code(activation), slope)
+        y.backward(t(dy))
+        return leaf.grad, y
+
+    ours, theirs, (ref, y_ref) = dx(True)[0], dx(False)[0], dx(False, wide=True)
+    dz = dy.double() * torch.where(y_ref > 0, 1.0, 0.0 if activation == "relu" else slope)
+    budget = rounding_budgets(x, dz, w, b, None, None, True, 0.1, 1e-5, 1)["dx"]
+    assert_matches("dx", ours, ref, theirs, 1, budget)

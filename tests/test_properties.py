@@ -92,6 +92,7 @@ from tests.property_calls import (
     calls,
     channel_data,
     contiguous,
+    degenerate_calls,
     flavours,
     grad_specs,
     issue_call,
@@ -155,6 +156,26 @@ def test_bad_calls_raise_like_torch(call):
     """A faulty call raises torch's exception class and changes no running statistic; a
     'fault' torch accepts (eps=0 in eval, ...) is a valid call and must match torch's result."""
     check_call(call)
+
+
+_CONSTANT_X = (Flavour("constant", 1.37, 0.0), Flavour("normal", 0.0, 1.0), Flavour("constant", -3.0, 0.0))
+
+
+@_budget(0.3)
+@given(degenerate_calls())
+# dx = a*dy - a*mean(dy) cancelled on constant channels: 1-2 ulps of a*dy left (issue 18, item 5).
+@example(issue_call((16, 3, 40), torch.float16, weight=True, flavours=_CONSTANT_X,
+                    grad=GradSpec("constant", 200.0, contiguous(3))))
+@example(issue_call((16, 3, 40), torch.float32, flavours=_CONSTANT_X, seed=1,
+                    grad=GradSpec("near_constant", 1000.0, contiguous(3))))
+@example(issue_call((9, 3, 5, 7), torch.float16, weight=True, flavours=_CONSTANT_X, seed=1,
+                    layout=Layout("expanded", (0, 2, 3, 1), (1,) * 4, (0,) * 4, (True, False, False, False), 0),
+                    grad=GradSpec("per_channel", 200.0, contiguous(4))))
+def test_dx_on_near_constant_channels(call):
+    """Constant channels (invstd ~ 1/sqrt(eps)) with dy constant or nearly so: dy's sums are exact,
+    so the rounding budget of dx is that of dy - mean(dy), not of |dy| (rounding_budgets)."""
+    with _path_of(call.seed):
+        check_call(call)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,12 @@ With xhat = (x - mean) * invstd and a = gamma * invstd:
 
     dbeta_c  = sum dy                  dgamma_c = sum dy * xhat = invstd * sum dy * (x - mean)
     training: dx = a * (dy - dbeta_c / M - xhat * dgamma_c / M)
-            = a * dy - a * invstd^2 * (sum dy (x - mean)) / M * (x - mean) - a * (sum dy) / M
+            = (dy - mean_dy - (x - mean) * proj) * a,   mean_dy = (sum dy) / M,
+                                                         proj = invstd^2 * (sum dy (x - mean)) / M
     eval:     dx = a * dy   (mean and invstd are the running statistics, constants)
+
+dx subtracts before it scales, as torch does (helpers._training_dx): a * dy - a * mean_dy would
+leave the roundings of two terms of size a * |dy| on a near-constant channel, where a ~ 1/sqrt(eps).
 
 The reduction writes per-split float partial sums (the same split of the domain as the forward
 statistics); the last program per channel, found by an atomic ticket, adds them in split
@@ -30,12 +34,12 @@ from .activation import _recompute
 from .helpers import (_combine_block, _along_channel_axis, _dx_coefficients, _elementwise_offsets,
                       _elementwise_tile, _last_of_channel,
                       _load_channel_param, _load_channel_stats, _release_ticket,
-                      _split_bounds, _tile_offsets, _wide_scalar, split_float)
+                      _split_bounds, _tile_offsets, _training_dx, _wide, _wide_scalar, split_float)
 from .normalize import elementwise_grid
 from .launch import Launch, fresh, tensor_key
 from .stats import _tickets, acc_dtype, tl_dtype
 from .tuning import autotune_tiles, cdiv, flat_walk, stats_splits
-from .view import NQKView, addressing, empty_output, nqk_view, output_geometry
+from .view import NQKView, addressing, empty_output, nqk_view, output_geometry, split_addressing
 
 
 @autotune_tiles()
@@ -67,7 +71,7 @@ def _bn_backward_partial_kernel(
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
     row_lo, row_hi, col_lo, col_hi = _split_bounds(pid_c, pid_split, N, Q, K, rows_per_split,
-                                                   cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K)
+                                                   cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K, INDEX_64)
     if CHANNELS_LAST:
         channels = col_lo + tl.arange(0, BLOCK_K)
         mean = tl.load(mean_ptr + channels, mask=channels < K, other=0.0).to(ACC_DTYPE)[None, :]
@@ -113,21 +117,22 @@ def _bn_backward_partial_kernel(
             else:
                 sum_dy += tl.sum(dy, 0)
                 sum_dy_xmu += tl.sum(dy * (x - mean), 0)  # masked dy is 0, so masked lanes add 0
-    out = partial_ptr + pid_split * C
+    out = partial_ptr + _wide(pid_split, INDEX_64) * C
+    field = _wide(partial_field_stride, INDEX_64)
     if CHANNELS_LAST:
         channels = col_lo + tl.arange(0, BLOCK_K)
         tl.store(out + channels, sum_dy, mask=channels < K)
-        tl.store(out + partial_field_stride + channels, sum_dy_xmu, mask=channels < K)
+        tl.store(out + field + channels, sum_dy_xmu, mask=channels < K)
     else:
         tl.store(out + pid_c, tl.sum(sum_dy, 0))
-        tl.store(out + partial_field_stride + pid_c, tl.sum(sum_dy_xmu, 0))
+        tl.store(out + field + pid_c, tl.sum(sum_dy_xmu, 0))
     # The last program of a channel (block) to finish adds every split's sums in split order.
     # Only outputs are written: rerunning it (an autotuner) changes nothing.
     last, channels = _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST, BLOCK_K)
     if last:
         _combine_sums(partial_ptr, tl.num_programs(1), C, channels, channels < C, mean_ptr, stat_ptr, sums_ptr,
                       grad_weight_ptr, grad_bias_ptr, eps, STAT_IS_VAR, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS,
-                      _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST))
+                      _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), INDEX_64)
         _release_ticket(tickets_ptr, pid_c)
 
 
@@ -135,7 +140,7 @@ def _bn_backward_partial_kernel(
 def _combine_sums(partial_ptr, P, C, channels, channel_mask, mean_ptr, stat_ptr, sums_ptr,
                   grad_weight_ptr, grad_bias_ptr, eps,
                   STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
-                  BLOCK_P: tl.constexpr):
+                  BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr):
     """Add the P splits' partial sums ([2, P, C]) of ``channels`` in split order; write the sums
     ([2, C]), dgamma = invstd * sum dz (x - mean) and dbeta = sum dz in the parameters' dtype."""
     acc_dtype = partial_ptr.dtype.element_ty
@@ -146,7 +151,7 @@ def _combine_sums(partial_ptr, P, C, channels, channel_mask, mean_ptr, stat_ptr,
         mask = (splits < P)[:, None] & channel_mask[None, :]
         offsets = splits[:, None].to(tl.int64) * C + channels[None, :]
         sum_dy += tl.sum(tl.load(partial_ptr + offsets, mask=mask, other=0.0), 0)
-        sum_dy_xmu += tl.sum(tl.load(partial_ptr + P * C + offsets, mask=mask, other=0.0), 0)
+        sum_dy_xmu += tl.sum(tl.load(partial_ptr + _wide(P, INDEX_64) * C + offsets, mask=mask, other=0.0), 0)
     tl.store(sums_ptr + channels, sum_dy, mask=channel_mask)
     tl.store(sums_ptr + C + channels, sum_dy_xmu, mask=channel_mask)
     if HAS_GRAD_WEIGHT:
@@ -183,8 +188,8 @@ def _bn_backward_dx_kernel(
     FLAT: tl.constexpr, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr,  # (helpers._flat_tile)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, FLAT, FLAT_INNER, FLAT_C,
-                                                                 INDEX_64, BLOCK_R, BLOCK_K)
+    rows, cols, mask, channels, channel_mask = _elementwise_tile(tl.program_id(0), N, Q, K, CHANNELS_LAST, FLAT,
+                                                                 FLAT_INNER, FLAT_C, INDEX_64, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
     gamma = _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
     a = invstd * gamma
@@ -213,12 +218,10 @@ def _bn_backward_dx_kernel(
         dy = dy * act_grad  # dz from here on
     if WRITE_DRESIDUAL:
         tl.store(dr_ptr + dx_offsets, dy.to(dr_ptr.dtype.element_ty), mask=mask)
-    dx = dy * _along_channel_axis(a, CHANNELS_LAST, FLAT)
     if TRAINING:
         sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         sum_dy_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
-        inv_count = _wide_scalar(inv_count_hi, inv_count_lo, ACC_DTYPE)
-        k_xmu, k_0 = _dx_coefficients(a, invstd, sum_dy, sum_dy_xmu, inv_count)
+        mean_dz, proj = _dx_coefficients(invstd, sum_dy, sum_dy_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
         if FUSED:
             xmu = fused_xmu
         else:
@@ -226,8 +229,11 @@ def _bn_backward_dx_kernel(
                                              DENSE_ROWS, INDEX_64)
             x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
             xmu = x - _along_channel_axis(mean, CHANNELS_LAST, FLAT)
-        dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST, FLAT) \
-            + _along_channel_axis(k_0, CHANNELS_LAST, FLAT)
+        dx = _training_dx(dy, xmu, _along_channel_axis(a, CHANNELS_LAST, FLAT),
+                          _along_channel_axis(mean_dz, CHANNELS_LAST, FLAT),
+                          _along_channel_axis(proj, CHANNELS_LAST, FLAT))
+    else:
+        dx = dy * _along_channel_axis(a, CHANNELS_LAST, FLAT)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -280,10 +286,17 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
         constexprs = dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), STAT_IS_VAR=stat_is_var,
                           HAS_WEIGHT=weight_arg is not None, HAS_BIAS=bias_arg is not None, ACTIVATION=activation,
                           HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused,
-                          HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias, **addressing(view, dy_view, r_view))
+                          HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias,
+                          **reduce_addressing(view, dy_view, r_view, split))
         return grid, args, constexprs, ()
     _PARTIAL.run(key, tensors, build)
     return sums, d_weight, d_bias
+
+
+def reduce_addressing(view: NQKView, dy_view: NQKView, r_view: Optional[NQKView], split) -> dict:
+    """The addressing constexprs of the reduction over these views with this split: its [2, P, C]
+    partial sums count too (view.split_addressing)."""
+    return split_addressing(addressing(view, dy_view, r_view), split, view.C, 2)
 
 
 def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,

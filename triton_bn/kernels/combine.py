@@ -12,6 +12,12 @@ amount), then
 and the running statistics move by momentum (or 1 / num_batches_tracked, read on the
 device), once: this runs either as its own kernel or in the last program of the statistics
 kernel, never under an autotuner's repeated calls.
+
+Groups are read from memory BLOCK_P at a time, in group order; within a block the sums are a
+Triton reduction whose tree depends on BLOCK_P and the warps. This kernel (BLOCK_P = 32) and
+the statistics kernel's folded combine (BLOCK_P from its tile, helpers._combine_block) thus
+round differently on a GPU. Each gives the same bits run to run for the same groups and
+config, whichever program runs it (stats.py: reproducibility).
 """
 from __future__ import annotations
 
@@ -22,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _invstd, _is_finite, _wide_scalar, split_float
+from .helpers import _invstd, _is_finite, _wide, _wide_scalar, split_float
 from .launch import Launch, tensor_key
 from .tuning import cdiv
+from .view import fits_int32
 
 
 @triton.jit
@@ -33,13 +40,16 @@ def _combine_channels(
     mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     momentum_hi, momentum_lo, eps,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
-    BLOCK_P: tl.constexpr, COUNT_PENDING: tl.constexpr,
+    BLOCK_P: tl.constexpr, COUNT_PENDING: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Merge the P groups of ``channels`` (a vector) and write their statistics: the body of
     the combine kernel, and of the statistics kernel's last program per channel (stats.py).
     COUNT_PENDING: this launch increments the step counter after every combine has read it,
-    so the cumulative factor is 1 / (counter + 1)."""
+    so the cumulative factor is 1 / (counter + 1). INDEX_64: the fields' offsets, up to 3 *
+    partial_field_stride, reach 2^31 (group offsets are int64 always: P * group_stride is the
+    buffer's size)."""
     acc_dtype = partial_ptr.dtype.element_ty
+    field = _wide(partial_field_stride, INDEX_64)
     # The groups' pivots agree for the splits of one input; groups from different ranks differ,
     # so all are re-shifted to one common pivot (a sample value of a non-empty group: the
     # difference of two nearby samples is exact).
@@ -48,8 +58,8 @@ def _combine_channels(
         groups = p0 + tl.arange(0, BLOCK_P)
         mask = (groups < P)[:, None] & channel_mask[None, :]
         offsets = groups[:, None].to(tl.int64) * partial_group_stride + channels[None, :]
-        g_count = tl.load(partial_ptr + 2 * partial_field_stride + offsets, mask=mask, other=0.0)
-        g_pivot = tl.load(partial_ptr + 3 * partial_field_stride + offsets, mask=mask, other=0.0)
+        g_count = tl.load(partial_ptr + 2 * field + offsets, mask=mask, other=0.0)
+        g_pivot = tl.load(partial_ptr + 3 * field + offsets, mask=mask, other=0.0)
         pivot = tl.maximum(pivot, tl.max(tl.where(g_count > 0, g_pivot, float("-inf")), 0))
     pivot = tl.where(pivot == float("-inf"), 0.0, pivot)
     # Pass 1: the mean as a plain sum, so NaN and +-Inf propagate as torch's sum does, wherever
@@ -57,7 +67,7 @@ def _combine_channels(
     total = tl.zeros(channels.shape, acc_dtype)
     count = tl.zeros(channels.shape, acc_dtype)
     for p0 in range(0, P, BLOCK_P):
-        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, partial_field_stride,
+        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, field,
                                            channels, channel_mask, pivot, BLOCK_P)
         total += tl.sum(g_count * g_mean, 0)
         count += tl.sum(g_count, 0)
@@ -65,12 +75,12 @@ def _combine_channels(
     # Pass 2: M2 = sum over groups of M2_g + n_g (mean_g - mean)^2, exact for any split.
     m2 = tl.zeros(channels.shape, acc_dtype)
     for p0 in range(0, P, BLOCK_P):
-        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, partial_field_stride,
+        g_mean, g_count = _load_group_mean(partial_ptr, p0, P, C, partial_group_stride, field,
                                            channels, channel_mask, pivot, BLOCK_P)
         groups = p0 + tl.arange(0, BLOCK_P)
         mask = (groups < P)[:, None] & channel_mask[None, :]
         offsets = groups[:, None].to(tl.int64) * partial_group_stride + channels[None, :]
-        g_m2 = tl.load(partial_ptr + partial_field_stride + offsets, mask=mask, other=0.0)
+        g_m2 = tl.load(partial_ptr + field + offsets, mask=mask, other=0.0)
         delta = g_mean - shifted_mean[None, :]
         m2 += tl.sum(g_m2 + tl.where(g_count > 0, g_count * delta * delta, 0.0), 0)
     _, _, m2 = _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
@@ -141,13 +151,15 @@ def _bn_stats_combine_kernel(
     num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
+    INDEX_64: tl.constexpr,  # field offsets in int64 (_combine_spec)
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     _combine_channels(partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
                       mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-                      momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, WRITE_MOMENTS, BLOCK_P, False)
+                      momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, WRITE_MOMENTS, BLOCK_P, False,
+                      INDEX_64)
 
 
 _COMBINE = Launch(_bn_stats_combine_kernel)
@@ -189,7 +201,7 @@ def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, run
     cumulative = num_batches_tracked is not None
     key = (P, C, group_stride, field_stride, return_moments, update, cumulative,
            tensor_key(partial, running_mean, running_var, num_batches_tracked))
-    grid, constexprs = _combine_spec(C, update, cumulative, return_moments)
+    grid, constexprs = _combine_spec(C, update, cumulative, return_moments, field_stride)
     _COMBINE(key, grid, (
         partial, P, C, group_stride, field_stride, mean, invstd, moments,
         running_mean, running_var, num_batches_tracked, *split_float(momentum), float(eps),
@@ -198,10 +210,12 @@ def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, run
 
 
 @functools.lru_cache(maxsize=1024)
-def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool):
+def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool, field_stride: int):
+    """Grid and constexprs; INDEX_64 when the last field's offsets, 3 * field_stride + C, reach 2^31."""
     BLOCK_C = min(128, _next_power_of_2(C))
     return (cdiv(C, BLOCK_C),), dict(UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative,
-                                     WRITE_MOMENTS=return_moments, BLOCK_P=32, BLOCK_C=BLOCK_C)
+                                     WRITE_MOMENTS=return_moments, INDEX_64=not fits_int32(3 * field_stride + C),
+                                     BLOCK_P=32, BLOCK_C=BLOCK_C)
 
 
 def _next_power_of_2(n: int) -> int:

@@ -43,34 +43,43 @@ def _tile_offsets(rows, cols, channel, Q, n_stride, q_stride, k_stride, ROWS_ARE
 
 
 @triton.jit
-def _elementwise_tile(N, Q, K, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, FLAT_INNER: tl.constexpr,
+def _wide(v, INDEX_64: tl.constexpr):
+    """v as int64 under INDEX_64, else as it is. v may be a constexpr: Triton specializes an int
+    argument equal to 1 (and passes one of 2^31 or more as u32/i64, whatever INDEX_64 says)."""
+    if INDEX_64:
+        v = tl.cast(v, tl.int64)
+    return v
+
+
+@triton.jit
+def _elementwise_tile(pid, N, Q, K, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, FLAT_INNER: tl.constexpr,
                       FLAT_C: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's tile of an elementwise kernel: a 1-D grid over [N*Q rows, K cols]
+    """Program ``pid``'s tile of an elementwise kernel: a 1-D grid over [N*Q rows, K cols]
     (1-D because a grid's y/z extents stop at 65535). Returns rows, cols, the tile mask and
     each row's (channels-first) or column's (channels-last) channel with its mask.
     FLAT: a block of BLOCK_R*BLOCK_K flat elements instead (_flat_tile); rows and cols are
-    then both the flat offsets, and the channels are per element."""
+    then both the flat offsets, and the channels are per element. Rows and N*Q are int64
+    under INDEX_64 (view.addressing: N*Q*K reaches 2^31); the channel is int32 either way."""
     if FLAT:
-        offsets, mask, channels = _flat_tile(N, Q, K, FLAT_INNER, FLAT_C, INDEX_64, BLOCK_R * BLOCK_K)
+        offsets, mask, channels = _flat_tile(pid, N, Q, K, FLAT_INNER, FLAT_C, INDEX_64, BLOCK_R * BLOCK_K)
         return offsets, offsets, mask, channels, mask
     else:
-        pid = tl.program_id(0)
         col_blocks = tl.cdiv(K, BLOCK_K)
-        rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = _wide(pid // col_blocks, INDEX_64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = (pid % col_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        row_mask = rows < N * Q
+        row_mask = rows < _wide(N, INDEX_64) * Q
         col_mask = cols < K
         mask = row_mask[:, None] & col_mask[None, :]
         if CHANNELS_LAST:
             return rows, cols, mask, cols, col_mask
         else:
-            return rows, cols, mask, rows % Q, row_mask
+            return rows, cols, mask, (rows % Q).to(tl.int32), row_mask
 
 
 @triton.jit
-def _flat_tile(N, Q, K, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr, INDEX_64: tl.constexpr,
+def _flat_tile(pid, N, Q, K, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr, INDEX_64: tl.constexpr,
                BLOCK: tl.constexpr):
-    """This program's block of an elementwise kernel over a dense tensor walked as one flat
+    """Program ``pid``'s block of an elementwise kernel over a dense tensor walked as one flat
     array of N*Q*K elements (FLAT): offsets [pid*BLOCK, (pid+1)*BLOCK), their mask and each
     element's channel (i // FLAT_INNER) % FLAT_C. The offsets are contiguous from a multiple of
     BLOCK, so accesses are 16-byte vectors whenever the base pointer is 16-byte aligned,
@@ -78,7 +87,6 @@ def _flat_tile(N, Q, K, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr, INDEX_64
     16 (one of N, Q, K is: every ResNet-50 layer; else the masked accesses stay 32-bit).
     FLAT_INNER and FLAT_C are constexprs so that the division and the remainder compile to
     multiply-high sequences, not a division subroutine per element."""
-    pid = tl.program_id(0)
     if INDEX_64:
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         total = tl.cast(N, tl.int64) * Q * K  # N, Q or K may be the constant 1 (specialized)
@@ -150,7 +158,11 @@ def _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST: tl.constexpr, BL
 
     Every program of a channel takes a ticket from an int32 counter that is zero between calls;
     the atomic is acq_rel at GPU scope, so what the earlier programs stored is visible to the
-    one that draws the last ticket. That program combines and calls _release_ticket."""
+    one that draws the last ticket. That program combines and calls _release_ticket.
+    One thread issues the atomic: the barrier orders every thread's partial stores before its
+    release. Triton 3.9's lowering inserts one too; older versions did only when a preceding
+    reduction happened to go through shared memory (tests/test_ticket_barriers.py checks)."""
+    tl.debug_barrier()
     ticket = tl.atomic_add(tickets_ptr + pid_c, 1)
     if CHANNELS_LAST:
         channels = col_lo + tl.arange(0, BLOCK_K)
@@ -176,7 +188,9 @@ def _count_step(ticket_ptr, num_batches_tracked_ptr):
     """The step counter moves once per call, inside the statistics launch (no add_ kernel of its
     own): each program that owns channels calls this after it has read the counter; the last
     of the axis-0 programs to arrive increments it (each read precedes its program's acq_rel
-    ticket) and resets the int32 ticket, which is zero between calls."""
+    ticket) and resets the int32 ticket, which is zero between calls. The barrier orders every
+    thread's read before the ticket's release, as in _last_of_channel."""
+    tl.debug_barrier()
     if tl.atomic_add(ticket_ptr, 1) == tl.num_programs(0) - 1:
         tl.atomic_add(num_batches_tracked_ptr, 1)
         tl.atomic_xchg(ticket_ptr, 0)
@@ -184,7 +198,8 @@ def _count_step(ticket_ptr, num_batches_tracked_ptr):
 
 @triton.jit
 def _release_ticket(tickets_ptr, pid_c):
-    """Zero the channel's counter again, for the next call (no memset launch needed)."""
+    """Zero the channel's counter again, for the next launch on this buffer (no memset launch
+    needed; who shares a buffer: tickets.py)."""
     tl.atomic_xchg(tickets_ptr + pid_c, 0)
 
 
@@ -242,10 +257,26 @@ def _load_channel_param(ptr, channels, mask, default, HAS_PARAM: tl.constexpr, A
 
 
 @triton.jit
-def _dx_coefficients(a, invstd, sum_dz, sum_dz_xmu, inv_count):
-    """(k_xmu, k_0) of the training dx = a * dz + (x - mean) * k_xmu + k_0, per channel, from
-    the channel's sums of dz and dz * (x - mean); a = gamma * invstd."""
-    return -a * invstd * invstd * sum_dz_xmu * inv_count, -a * sum_dz * inv_count
+def _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE: tl.constexpr):
+    """(mean_dz, proj) of the training dx = (dz - mean_dz - (x - mean) * proj) * a, per channel,
+    from the channel's sums of dz and dz * (x - mean); a = gamma * invstd (_training_dx); 1 / M
+    = hi + lo (split_float). mean_dz = sum * hi + sum * lo with one rounding: sum / M to well
+    within an ulp, so a channel of constant dz (an exact sum) gets mean_dz = dz exactly and dx = 0,
+    as torch's division gives; sum * fl(1 / M) alone is off by an ulp for many M, times a."""
+    hi = tl.cast(inv_count_hi, ACC_DTYPE)
+    lo = tl.cast(inv_count_lo, ACC_DTYPE)
+    return tl.fma(sum_dz, hi, sum_dz * lo), invstd * invstd * sum_dz_xmu * (hi + lo)
+
+
+@triton.jit
+def _training_dx(dz, xmu, a, mean_dz, proj):
+    """dx = (dz - mean_dz - xmu * proj) * a, torch's order: the difference first, then the
+    scale. Folding a in (a * dz + xmu * k + k_0, one FMA fewer) rounds a * dz and k_0, each of
+    size a * |dz|, and then cancels them: on a near-constant channel (invstd ~ 1/sqrt(eps)) with
+    dz near its mean that rounding, ~an ulp of a * |dz|, is most of dx (10-100x torch's error in
+    fp32; dx = 0 came out as a * dz * 2^-24 for constant dz). Here dz - mean_dz is exact where
+    they are close, and only the small difference is scaled."""
+    return (dz - mean_dz - xmu * proj) * a
 
 
 @triton.jit
@@ -263,20 +294,22 @@ def _along_channel_axis(v, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr):
 
 @triton.jit
 def _split_bounds(pid_c, pid_split, N, Q, K, rows_per_split, cols_per_split, splits_k,
-                  CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr):
+                  CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, INDEX_64: tl.constexpr):
     """The [row_lo, row_hi) x [col_lo, col_hi) part of the reduction domain of one program.
 
     Channels-last: rows are the N*Q (sample, position) pairs, columns the BLOCK_K channels of
     block pid_c. Channels-first: rows are the N samples, columns the spatial positions of
-    channel pid_c, both split into chunks."""
-    split_r = pid_split // splits_k
+    channel pid_c, both split into chunks. int64 bounds under INDEX_64 (view.split_addressing:
+    N*Q*K, the splits' row or column ranges, or the partial buffer reach 2^31), so the loops
+    over them and the rows they form are int64 too."""
+    split_r = _wide(pid_split // splits_k, INDEX_64)
     row_lo = split_r * rows_per_split
     if CHANNELS_LAST:
-        row_hi = tl.minimum(row_lo + rows_per_split, N * Q)
+        row_hi = tl.minimum(row_lo + rows_per_split, _wide(N, INDEX_64) * Q)
         col_lo = pid_c * BLOCK_K
         col_hi = tl.minimum(col_lo + BLOCK_K, K)
     else:
         row_hi = tl.minimum(row_lo + rows_per_split, N)
-        col_lo = (pid_split % splits_k) * cols_per_split
+        col_lo = _wide(pid_split % splits_k, INDEX_64) * cols_per_split
         col_hi = tl.minimum(col_lo + cols_per_split, K)
     return row_lo, row_hi, col_lo, col_hi

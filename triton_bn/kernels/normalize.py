@@ -47,8 +47,8 @@ def _bn_normalize_kernel(
     FLAT: tl.constexpr, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr,  # (helpers._flat_tile)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, cols, mask, channels, channel_mask = _elementwise_tile(N, Q, K, CHANNELS_LAST, FLAT, FLAT_INNER, FLAT_C,
-                                                                 INDEX_64, BLOCK_R, BLOCK_K)
+    rows, cols, mask, channels, channel_mask = _elementwise_tile(tl.program_id(0), N, Q, K, CHANNELS_LAST, FLAT,
+                                                                 FLAT_INNER, FLAT_C, INDEX_64, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
     scale = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
     shift = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)

@@ -7,9 +7,12 @@ fits in one program's registers (``tuning.onchip_tile``), each program loads its
     backward            x (or y), dy [, r] -> sums -> dgamma, dbeta, dx [, dr]       1 launch, 3·T·e
 
 against 2 launches and 3·T·e / 5·T·e on the split path (stats.py -> normalize.py,
-backward.py). A program owns its channels, so there are no partials, tickets or atomics,
-and the running statistics move exactly once; for the same reason the kernels are not
-autotuned (an autotuner would rerun the in-place update): the tile is a function of the shape.
+backward.py). A program owns its channels, so there are no partials and no float atomics,
+and the running statistics move exactly once; the one atomic is the step counter's ticket
+(helpers._count_step, with num_batches_tracked; its buffer from tickets.py, as the split
+path's). For the same reason the kernels are not autotuned (an autotuner would rerun the
+in-place update): the tile is a function of the shape, so the bits depend only on the input,
+its shape and the Triton version, not on a config or on the order programs run in.
 
 Numerics are the split path's: the sums are of x shifted by the channel's first element
 (finite or 0), the mean is a plain sum (NaN and +-Inf as torch's), and combine.py's
@@ -30,7 +33,7 @@ import triton.language as tl
 from .activation import _activation, _recompute
 from .combine import _finish_channels
 from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _dx_coefficients, _load_channel_param,
-                      _load_channel_stats, _tile_offsets, _wide_scalar, split_float)
+                      _load_channel_stats, _tile_offsets, _training_dx, _wide_scalar, split_float)
 from .launch import Launch, fresh, tensor_key
 from .stats import _tickets, acc_dtype, tl_dtype
 from .tuning import cdiv, onchip_tile
@@ -195,13 +198,13 @@ def _bn_onchip_backward_kernel(
     if WRITE_DRESIDUAL:
         tl.store(dr_ptr + dx_offsets, dz.to(dr_ptr.dtype.element_ty), mask=valid)
     if WRITE_DX:
-        a = invstd * gamma
-        dx = dz * _along_channel_axis(a, CHANNELS_LAST, False)
+        a = _along_channel_axis(invstd * gamma, CHANNELS_LAST, False)
         if TRAINING:
-            k_xmu, k_0 = _dx_coefficients(a, invstd, sum_dz, sum_dz_xmu, _wide_scalar(inv_count_hi, inv_count_lo,
-                                                                                        ACC_DTYPE))
-            dx += xmu * _along_channel_axis(k_xmu, CHANNELS_LAST, False) \
-                + _along_channel_axis(k_0, CHANNELS_LAST, False)
+            mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
+            dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
+                              _along_channel_axis(proj, CHANNELS_LAST, False))
+        else:
+            dx = dz * a
         tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 

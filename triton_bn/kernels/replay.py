@@ -9,7 +9,9 @@ argument's value. ``@replayable`` records the first call of a signature:
 
     each stage launch   its Launch plan (launch.py) and where each of its tensors came from:
                         an argument of the call, an output allocated by the launcher
-                        (``fresh``), or the current stream's ticket buffer (``stream_scratch``)
+                        (``fresh``), or the ticket buffer (``stream_scratch``), fetched again
+                        at every call (tickets.py: the current stream's, or a private one
+                        while a CUDA graph is being captured)
     the return value    which of those tensors it is made of
 
 and later calls of the signature allocate the same tensors (``empty_strided``) and launch the
@@ -30,6 +32,7 @@ from typing import Callable, Dict
 import torch
 
 from . import launch
+from .tickets import zero_after_error
 from .tuning import onchip_enabled
 from .launch import _NOT_REPLAYABLE, _Recording, current_device, current_stream, launch_hooks
 
@@ -131,20 +134,30 @@ def replayable(launcher=None, *, by_arguments: bool = True):
     if launcher is None:
         return functools.partial(replayable, by_arguments=by_arguments)
 
+    # Both wrappers zero the ticket counters when the launcher raises: a launch it made may
+    # have stopped midway with tickets taken (tickets.zero_after_error).
     @functools.wraps(launcher)
     def call(*args, **kwargs):
-        if not by_arguments or launch.recording is not None or launch_hooks():
-            return launcher(*args, **kwargs)  # a nested launcher, or a profiler watching
         try:
-            key = (tuple(map(_meta, args)), tuple((k, _meta(v)) for k, v in kwargs.items()))
-            return _replay(launcher, key, args, kwargs)
-        except _Unhashable:  # an unhashable argument: nothing to key on
-            return launcher(*args, **kwargs)
+            if not by_arguments or launch.recording is not None or launch_hooks():
+                return launcher(*args, **kwargs)  # a nested launcher, or a profiler watching
+            try:
+                key = (tuple(map(_meta, args)), tuple((k, _meta(v)) for k, v in kwargs.items()))
+                return _replay(launcher, key, args, kwargs)
+            except _Unhashable:  # an unhashable argument: nothing to key on
+                return launcher(*args, **kwargs)
+        except BaseException:
+            zero_after_error()
+            raise
 
     def keyed(key, *args, **kwargs):
-        if launch.recording is not None or launch_hooks():
-            return launcher(*args, **kwargs)
-        return _replay(launcher, ("keyed", key), args, kwargs)
+        try:
+            if launch.recording is not None or launch_hooks():
+                return launcher(*args, **kwargs)
+            return _replay(launcher, ("keyed", key), args, kwargs)
+        except BaseException:
+            zero_after_error()
+            raise
 
     call.keyed = keyed
     return call

@@ -8,9 +8,22 @@
 
 Pass 1 splits every channel's M elements over many programs (enough to fill the GPU even
 with 3 channels); each writes float (shifted mean, M2, count, pivot) partials. Pass 2 merges a
-channel's partials in a fixed order — no atomics, so results are bitwise identical run to
-run — and updates the running statistics in place. The combine is not autotuned: an
-autotuner would re-run it and apply the in-place momentum update several times.
+channel's partials in split order and updates the running statistics in place; ``bn_stats``
+folds it into pass 1 (the program that draws its channel's last ticket runs it, tickets.py),
+SyncBatchNorm runs it as combine.py's kernel. The combine is not autotuned: an autotuner
+would re-run it and apply the in-place momentum update several times.
+
+Reproducibility. The only atomics are on integers (the tickets, the step counter's
+increment): no float is accumulated atomically, and the combine reads every partial from
+memory in split order, so which program combines changes no bit (tests/test_program_order.py
+runs the grid in other orders). The same input, split (a function of the shape and the GPU's
+SM count), config and Triton version give the same bits run to run; the config is the
+autotuner's choice, fixed by a tuning file or TRITON_BN_PIN_CONFIG=1 (else only within a
+process, after tuning). Another config or split changes the partials, hence the bits; on a
+GPU the folded combine and combine.py's kernel merge the same partials with different
+reduction trees (their blocks differ), so they agree to rounding, not to the bit (the
+interpreter's reductions agree bitwise at the split counts tests/test_kernels.py checks: an
+interpreter fact, not a GPU one).
 
 Accuracy when |mean| >> std: every program subtracts the same per-channel pivot (the
 channel's first element) before summing, so sums and group means are of values O(std) and
@@ -26,14 +39,14 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import driver
 
 from .helpers import (_channel_pivot, _combine_block, _count_step, _lane_counts, _last_of_channel, _merge_groups,
-                      _release_ticket, _split_bounds, _tile_offsets, split_float)
+                      _release_ticket, _split_bounds, _tile_offsets, _wide, split_float)
 from .combine import _combine_channels
-from .launch import Launch, fresh, stream_scratch, tensor_key
+from .launch import Launch, fresh, tensor_key
+from .tickets import tickets as _tickets  # backward.py and onchip.py import it from here
 from .tuning import autotune_tiles, cdiv, stats_splits
-from .view import NQKView, _addressing
+from .view import NQKView, _addressing, split_addressing
 
 
 @autotune_tiles()
@@ -59,7 +72,7 @@ def _bn_stats_partial_kernel(
     pid_c = tl.program_id(0)  # channels-first: the channel; channels-last: a channel block
     pid_split = tl.program_id(1)
     row_lo, row_hi, col_lo, col_hi = _split_bounds(pid_c, pid_split, N, Q, K, rows_per_split,
-                                                   cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K)
+                                                   cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K, INDEX_64)
     # Every program of a channel shifts by the same pivot, the channel's first element, so the
     # sums below are of values O(std) however large |mean| is (shifted data, Chan et al. 1983).
     pivot = _channel_pivot(x_ptr, pid_c, col_lo, K, x_q_stride, x_k_stride, CHANNELS_LAST, ACC_DTYPE, BLOCK_K)
@@ -87,29 +100,30 @@ def _bn_stats_partial_kernel(
     # q - s^2/n is benign here: the values are shifted to O(std); the clamp absorbs rounding.
     lane_m2 = tl.maximum(shifted_sq - shifted_sum * lane_mean, 0.0)
     mean, m2, count = _merge_groups(lane_mean, lane_m2, count, 0)
-    out = partial_ptr + pid_split * C
+    out = partial_ptr + _wide(pid_split, INDEX_64) * C
+    field = _wide(partial_field_stride, INDEX_64)  # P*C: 3 fields past it may pass 2^31
     if CHANNELS_LAST:
         mask = channels < K
         tl.store(out + channels, mean, mask=mask)
-        tl.store(out + partial_field_stride + channels, m2, mask=mask)
-        tl.store(out + 2 * partial_field_stride + channels, count, mask=mask)
-        tl.store(out + 3 * partial_field_stride + channels, pivot, mask=mask)
+        tl.store(out + field + channels, m2, mask=mask)
+        tl.store(out + 2 * field + channels, count, mask=mask)
+        tl.store(out + 3 * field + channels, pivot, mask=mask)
     else:
         mean_c, m2_c, count_c = _merge_groups(mean, m2, count, 0)
         tl.store(out + pid_c, mean_c)
-        tl.store(out + partial_field_stride + pid_c, m2_c)
-        tl.store(out + 2 * partial_field_stride + pid_c, count_c)
-        tl.store(out + 3 * partial_field_stride + pid_c, pivot)
+        tl.store(out + field + pid_c, m2_c)
+        tl.store(out + 2 * field + pid_c, count_c)
+        tl.store(out + 3 * field + pid_c, pivot)
     if COMBINE:
         # The last program of a channel (block) to finish merges every split's partials, in
-        # split order: one launch fewer, and the same bits as a separate combine.
+        # split order: one launch fewer (reproducibility: the module docstring).
         last, channels = _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST, BLOCK_K)
         if last:
             _combine_channels(partial_ptr, tl.num_programs(1), C, C, partial_field_stride, channels, channels < C,
                               mean_ptr, invstd_ptr, None, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
                               UPDATE_RUNNING, CUMULATIVE_AVERAGE, False,
-                              _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), COUNT_STEP)
+                              _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), COUNT_STEP, INDEX_64)
             _release_ticket(tickets_ptr, pid_c)
             if COUNT_STEP:
                 _count_step(tickets_ptr + tl.num_programs(0), num_batches_tracked_ptr)
@@ -140,7 +154,8 @@ def _partial_spec(geometry: tuple, dtype: torch.dtype, device: torch.device, spl
         grid = (C, split.num)
     ints = (N, Q, K, C, n_stride, q_stride, k_stride, split.rows_per_split, split.cols_per_split, split.splits_k,
             split.num * C)
-    constexprs = dict(CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype), **_addressing((geometry,)))
+    constexprs = dict(CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype),
+                      **split_addressing(_addressing((geometry,)), split, C, 4))
     return (4, split.num, C), grid, ints, constexprs
 
 
@@ -203,7 +218,6 @@ _PARTIAL = Launch(_bn_stats_partial_kernel)
 # Updated in place: the first call of a key tunes on clones of them (Launch's scratch).
 _MUTATED_ARGS = tuple(_PARTIAL.names.index(name)
                       for name in ("running_mean_ptr", "running_var_ptr", "num_batches_tracked_ptr"))
-_TICKETS: dict = {}
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,20 +225,3 @@ def _fused_constexprs(channels_last, acc, dense_rows: bool, index_64: bool, upda
                       cumulative: bool) -> dict:
     return dict(CHANNELS_LAST=channels_last, ACC_DTYPE=acc, DENSE_ROWS=dense_rows, INDEX_64=index_64, COMBINE=True,
                 UPDATE_RUNNING=update, COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative)
-
-
-def _tickets(device: torch.device, programs: int) -> torch.Tensor:
-    """The zeroed int32 ticket counters of the current stream: the kernel's last program per
-    channel resets its counter, so the buffer stays zeroed between calls and needs no memset
-    launch (also inside CUDA graphs). One buffer per stream: kernels on two streams may run at
-    once."""
-    stream = driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
-    return stream_scratch(_stream_tickets(device, programs, stream), _stream_tickets, device, programs)
-
-
-def _stream_tickets(device: torch.device, programs: int, stream: int) -> torch.Tensor:
-    tickets = _TICKETS.get((device, stream))
-    if tickets is None or tickets.numel() < programs:
-        tickets = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
-        _TICKETS[(device, stream)] = tickets
-    return tickets

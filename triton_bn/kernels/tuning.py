@@ -249,8 +249,15 @@ class Splits:
     def __init__(self, rows_per_split: int, cols_per_split: int, splits_r: int, splits_k: int):
         self.rows_per_split = rows_per_split
         self.cols_per_split = cols_per_split
+        self.splits_r = splits_r
         self.splits_k = splits_k
         self.num = splits_r * splits_k
+
+    def extents(self, C: int, fields: int) -> tuple:
+        """The largest indices a reduction over this split forms (view.split_addressing): the end
+        of the last row range and of the last column range (rounded up past N*Q or K), and the
+        element count of its [fields, P, C] partial buffer."""
+        return self.splits_r * self.rows_per_split, self.splits_k * self.cols_per_split, fields * self.num * C
 
 
 @functools.lru_cache(maxsize=4096)

@@ -164,13 +164,32 @@ def output_for(x: torch.Tensor) -> torch.Tensor:
 
 
 _INT32_SPAN = 2**31 - 1
+# The indices a kernel forms run past the extents they cover by up to a tile (BLOCK_R, BLOCK_K,
+# a flat block, an on-chip slab: at most 8192) plus a loop step: int32 only with this headroom.
+_INDEX_SLACK = 2**14
+
+
+def fits_int32(*extents: int) -> bool:
+    """Whether indices up to these extents (plus a tile of padding) stay below 2^31."""
+    return all(extent + _INDEX_SLACK <= _INT32_SPAN for extent in extents)
 
 
 def addressing(*views: Optional[NQKView]) -> dict:
     """The addressing constexprs of a kernel over these views (None ones skipped): DENSE_ROWS
     when every view's rows are evenly spaced (n_stride == Q * q_stride: row r starts at
-    r * q_stride, no division), INDEX_64 when some view spans 2^31 elements or more."""
+    r * q_stride, no division); INDEX_64 when some view spans 2^31 elements or more (element
+    offsets) or has N*Q*K that many elements (row indices and counts N*Q, flat offsets: a view
+    with stride-0 dims has more elements than its span)."""
     return _addressing(tuple(v[1:] for v in views if v is not None))
+
+
+def split_addressing(flags: dict, split, C: int, fields: int) -> dict:
+    """The addressing ``flags`` of a split reduction's views (stats.py, backward.py), with
+    INDEX_64 also when the ranges of ``split`` (tuning.Splits; the last ends past N*Q or K) or
+    its [fields, P, C] partial buffer reach 2^31."""
+    if flags["INDEX_64"] or fits_int32(*split.extents(C, fields)):
+        return flags
+    return dict(flags, INDEX_64=True)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -178,4 +197,5 @@ def _addressing(geometries: tuple) -> dict:
     dense = all(n_stride == Q * q_stride for N, Q, K, n_stride, q_stride, k_stride, _ in geometries)
     span = max((N - 1) * abs(n_stride) + (Q - 1) * abs(q_stride) + (K - 1) * abs(k_stride)
                for N, Q, K, n_stride, q_stride, k_stride, _ in geometries)
-    return {"DENSE_ROWS": dense, "INDEX_64": span >= _INT32_SPAN}
+    numel = max(N * Q * K for N, Q, K, *_ in geometries)
+    return {"DENSE_ROWS": dense, "INDEX_64": span >= _INT32_SPAN or not fits_int32(numel)}

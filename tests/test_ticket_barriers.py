@@ -1,0 +1,103 @@
+"""A CTA barrier right before every ticket atomic (helpers._last_of_channel, _count_step), in the
+machine code of the statistics, backward and on-chip kernels compiled for sm_90 on the CPU.
+
+One thread issues a ticket's acq_rel atomic; the barrier orders every thread's partial stores
+(and step-counter reads) before its release. The TTIR shows the kernels' own barrier
+(``tl.debug_barrier``: gpu.barrier, ttg.barrier in Triton 3.9), whatever the lowering adds; the
+PTX shows what runs. Walking back from each ticket, the nearest barrier must come before the
+nearest memory access (a straight-line reading; the kernels have no branch between the two).
+Jobs come from the report's recorded launches (triton_bn/report), compiled in a subprocess
+without TRITON_INTERPRET as the report's worker does, keeping the TTIR and PTX text.
+"""
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from triton_bn.report import CompileJob, compile_jobs, tools_missing
+from triton_bn.report.runner import _worker_env
+
+MISSING = tools_missing()
+
+_TICKET = {"ttir": re.compile(r"tt\.atomic_rmw add, .*\(!tt\.ptr<i32>"),
+           "ptx": re.compile(r"^\s*(@!?%p\d+\s+)?atom\.global\.gpu\.acq_rel\.add\.u32")}
+_BARRIER = {"ttir": re.compile(r"\b(gpu|ttg)\.barrier\b"),
+            "ptx": re.compile(r"^\s*(@!?%p\d+\s+)?(bar|barrier)(\.cta)?\.sync\b")}
+_MEMORY = {"ttir": re.compile(r"\btt\.(load|store|atomic_rmw|atomic_cas)\b"),
+           "ptx": re.compile(r"^\s*(@!?%p\d+\s+)?((ld|st)\.global|atom\.|red\.)")}
+# TTIR and PTX of CompileJobs (JSON in argv[1]) -> argv[2]; run without TRITON_INTERPRET.
+_DUMP_ASM = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton_bn.report.launches import CompileJob
+from triton_bn.report.worker import _decode_constexpr, _jit_function
+out = []
+for job in map(CompileJob.from_json, json.load(open(sys.argv[1]))):
+    jit = _jit_function(job.kernel)
+    index = {name: (i,) for i, name in enumerate(jit.arg_names)}
+    constexprs = {index[k]: _decode_constexpr(v) for k, v in (*job.constexprs, *job.config)}
+    attrs = {index[p]: [["tt.divisibility", 16]] for p in job.divisible}
+    compiled = triton.compile(ASTSource(jit, dict(job.signature), constexprs, attrs),
+                              target=GPUTarget("cuda", job.arch, 32),
+                              options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+    out.append({"ttir": compiled.asm["ttir"], "ptx": compiled.asm["ptx"]})
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def unfenced_tickets(code: str, kind: str) -> list:
+    """The ticket atomics in ``code`` (``kind`` "ttir" or "ptx") whose nearest preceding
+    barrier-or-memory-access is a memory access."""
+    lines = code.splitlines()
+    unfenced = []
+    for i, line in enumerate(lines):
+        if _TICKET[kind].search(line):
+            for before in reversed(lines[:i]):
+                if _BARRIER[kind].search(before):
+                    break
+                if _MEMORY[kind].search(before):
+                    unfenced.append(line.strip())
+                    break
+    return unfenced
+
+
+def _counting(job: CompileJob) -> CompileJob:
+    """``job`` with the step counter on (COUNT_STEP, CUMULATIVE_AVERAGE): the report's launches
+    pass no num_batches_tracked."""
+    pointers = {"num_batches_tracked_ptr": "*i64", "ticket_ptr": "*i32"}
+    constexprs = dict((k, v) for k, v in job.constexprs if k not in pointers)
+    constexprs.update(COUNT_STEP=True, CUMULATIVE_AVERAGE=True)
+    return dataclasses.replace(job, signature=tuple((n, pointers.get(n, t)) for n, t in job.signature),
+                               constexprs=tuple(constexprs.items()), variant=job.variant + "-count")
+
+
+@pytest.mark.skipif(MISSING is not None, reason=f"no GPU compiler tools: {MISSING}")
+def test_every_ticket_follows_a_barrier(tmp_path):
+    assert unfenced_tickets("st.global.b32 [%rd1], %r1;\n@%p1 atom.global.gpu.acq_rel.add.u32 %r2, [%rd2], 1;",
+                            "ptx")  # the rule sees a missing barrier
+    first = {}
+    for job in compile_jobs(archs=(90,), dtypes=("fp32",), layouts=("NCHW", "NHWC"),
+                            kernels=["stats_partial", "backward_partial", "onchip_forward"]):
+        if job.variant == "train":
+            first.setdefault((job.name, job.layout), job)
+    jobs = list(first.values()) + [_counting(j) for j in first.values() if j.name != "backward_partial"]
+    assert len(jobs) == 10
+    with open(tmp_path / "jobs.json", "w") as f:
+        json.dump([j.to_json() for j in jobs], f)
+    out = subprocess.run([sys.executable, "-c", _DUMP_ASM, str(tmp_path / "jobs.json"), str(tmp_path / "asm.json")],
+                         env=_worker_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "asm.json") as f:
+        codes = json.load(f)
+    for job, code in zip(jobs, codes):
+        where = f"{job.name}/{job.variant} {job.layout}"
+        tickets = len([line for line in code["ptx"].splitlines() if _TICKET["ptx"].search(line)])
+        # A ticket per program, plus the step counter's: none without a fused combine or a step count.
+        assert tickets == (job.name != "onchip_forward") + job.variant.endswith("-count"), where
+        for kind in ("ttir", "ptx"):
+            assert not unfenced_tickets(code[kind], kind), (where, kind, unfenced_tickets(code[kind], kind))
