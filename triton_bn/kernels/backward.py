@@ -13,7 +13,7 @@ leave the roundings of two terms of size a * |dy| on a near-constant channel, wh
 
 The reduction writes per-split float partial sums (the same split of the domain as the forward
 statistics); the last program per channel, found by an atomic ticket, adds them in split
-order — bitwise reproducible — and writes dgamma, dbeta. Then the elementwise dx, which keeps
+order (reproducible for a fixed config: stats.py) and writes dgamma, dbeta. Then the elementwise dx, which keeps
 (x - mean) explicit for the same reason as the forward.
 
 Fused epilogue (ACTIVATION, HAS_RESIDUAL; forward y = act(z), z = BN(x) [+ r]): every formula
