@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from tests.reference import assert_close, random_input, reference_batch_norm  # noqa: E402
-from triton_bn.distributed import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
+from triton_bn.distributed import SyncBatchNorm, SyncBatchNormAct, convert_sync_batchnorm  # noqa: E402
 
 EPS = 1e-5
 COLLECTIVES = {"all_gather": 0, "all_reduce": 0}
@@ -130,6 +130,51 @@ def check_layer(rank, world, sizes, tail, dtype, layout="contiguous", momentum=0
         assert x.grad.is_contiguous(memory_format=torch.channels_last), "dx lost channels_last"
 
 
+_ACTIVATIONS = {"relu": F.relu, "leaky_relu": lambda z, s: F.leaky_relu(z, s), "silu": F.silu}
+
+
+def check_fused_layer(rank, world, sizes, act, save="input", slope=0.01, inplace=False):
+    """SyncBatchNormAct, y = act(BN(x) + r), on uneven slices vs float64 torch on the whole batch:
+    y, dx, dresidual, the local dgamma/dbeta, one collective per direction. save="output"
+    scales by |gamma| + eps (In-Place ABN); inplace writes y over the input."""
+    C, tail = 3, (3, 4, 5)
+    torch.manual_seed(2)
+    bn = SyncBatchNormAct(C, eps=EPS, act_layer=act, negative_slope=slope, save=save, inplace=inplace)
+    with torch.no_grad():
+        bn.weight.uniform_(-1.5, 1.5)
+        bn.bias.normal_()
+    shape = (sum(sizes), *tail)
+    x_full = random_input(shape, torch.float32, "cpu", seed=50, mean=1.0, std=2.0)
+    r_full = random_input(shape, torch.float32, "cpu", seed=51)
+    dy_full = random_input(shape, torch.float32, "cpu", seed=52)
+    x, r = _leaf(_local(x_full, sizes, rank)), _leaf(_local(r_full, sizes, rank))
+    dy = _local(dy_full, sizes, rank)
+    y, forward_calls = _collectives_during(lambda: bn(x.clone() if inplace else x, r))  # in place: not on a leaf
+    y_out = y.detach().clone()
+    _, backward_calls = _collectives_during(lambda: y.backward(dy))
+
+    def reference(dy64):
+        x64, r64 = x_full.double().requires_grad_(), r_full.double().requires_grad_()
+        w64, b64 = bn.weight.detach().double().requires_grad_(), bn.bias.detach().double().requires_grad_()
+        scale = w64.abs() + EPS if save == "output" else w64
+        var, mean = torch.var_mean(x64, _reduce_dims(x64), correction=0, keepdim=True)
+        z = (x64 - mean) / torch.sqrt(var + EPS) * scale.view(1, -1, 1, 1) + b64.view(1, -1, 1, 1) + r64
+        y64 = _ACTIVATIONS[act](z, slope) if act == "leaky_relu" else _ACTIVATIONS[act](z)
+        y64.backward(dy64)
+        return y64, x64.grad, r64.grad, w64.grad, b64.grad
+
+    y_ref, dx_ref, dr_ref, _, _ = reference(dy_full.double())
+    mask = torch.zeros_like(dy_full, dtype=torch.float64)
+    _local(mask, sizes, rank).fill_(1.0)
+    _, _, _, dw_ref, db_ref = reference(dy_full.double() * mask)  # this rank's share, global statistics
+    for name, actual, expected in (("y", y_out, _local(y_ref, sizes, rank)), ("dx", x.grad, _local(dx_ref, sizes, rank)),
+                                   ("dresidual", r.grad, _local(dr_ref, sizes, rank)),
+                                   ("dweight", bn.weight.grad, dw_ref), ("dbias", bn.bias.grad, db_ref)):
+        assert_close(actual, expected, torch.float32, name)
+    assert forward_calls == {"all_gather": 1, "all_reduce": 0}, f"forward collectives {forward_calls}"
+    assert backward_calls == {"all_gather": 0, "all_reduce": 1}, f"backward collectives {backward_calls}"
+
+
 def check_eval_and_subgroups(rank, world):
     """process_group is honored: ranks {0, 1} synchronize, every other rank is a group of one
     (the plain layer, no collective); eval mode never synchronizes."""
@@ -221,6 +266,10 @@ CHECKS = [
     ("eval and process_group", {2: None, 3: None}, lambda r, w, s: check_eval_and_subgroups(r, w)),
     ("errors before collectives", {2: None, 3: None}, lambda r, w, s: check_errors_before_collectives(r, w)),
     ("DDP SGD", {2: [3, 5], 3: [4, 0, 3]}, lambda r, w, s: check_ddp(r, w, s)),
+    ("fused relu + residual", {2: [3, 2], 3: [2, 0, 3]},
+     lambda r, w, s: check_fused_layer(r, w, s, "relu")),
+    ("fused leaky_relu save=output in place", {2: [2, 3], 3: [1, 3, 1]},
+     lambda r, w, s: check_fused_layer(r, w, s, "leaky_relu", "output", slope=0.2, inplace=True)),
 ]
 
 

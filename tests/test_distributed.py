@@ -5,6 +5,7 @@ Triton's interpreter; tests/_dist_worker.py holds the checks), 2 and 3 ranks wit
 empty per-rank batches. The rest (constructor, state_dict, converter, the unsynchronized layer,
 argument errors) runs in this process.
 """
+import copy
 import json
 import os
 import subprocess
@@ -13,11 +14,13 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import triton_bn
 import triton_bn.distributed as tbd
-from tests.reference import random_input
-from triton_bn.distributed import SyncBatchNorm, convert_sync_batchnorm
+from tests.reference import assert_close, random_input
+from triton_bn.distributed import SyncBatchNorm, SyncBatchNormAct, convert_sync_batchnorm
 from triton_bn.modules import BatchNorm2d
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
@@ -154,3 +157,57 @@ def test_sync_errors_come_before_any_collective(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         tbd.sync_batch_norm(x, *running, None, None, 0.1, 1e-5, None, 2)
     assert torch.equal(running[0], torch.zeros(3)) and torch.equal(running[1], torch.ones(3))
+
+
+def test_convert_sync_batchnorm_keeps_fused_layers_fused():
+    """BatchNormAct*d -> SyncBatchNormAct with its activation, slope, memory mode and drop, the
+    very same tensors; without a process group it computes exactly the fused layer, residual
+    call included (torch's SyncBatchNorm took neither the activation nor the residual)."""
+    torch.manual_seed(0)
+    fused = triton_bn.BatchNormAct2d(3, act_layer="leaky_relu", negative_slope=0.2, save="output")
+    fused.drop = nn.Dropout(0.5)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(fused, triton_bn.BatchNormAct1d(2, act_layer="silu"))
+    reference = copy.deepcopy(fused)
+    synced = convert_sync_batchnorm(model)
+    assert [type(m) for m in synced] == [SyncBatchNormAct, SyncBatchNormAct]
+    layer = synced[0]
+    assert (layer.act_layer, layer.negative_slope, layer.save, layer.inplace) == ("leaky_relu", 0.2, "output", False)
+    assert layer.weight is fused.weight and layer.running_var is fused.running_var
+    assert isinstance(layer.drop, nn.Dropout) and synced[1].act_layer == "silu"
+    x, r = random_input((2, 3, 4, 5), torch.float32, "cpu", seed=1), random_input((2, 3, 4, 5), torch.float32, "cpu", seed=2)
+    layer.eval(), reference.eval()  # eval: no process group is needed, and the drop is the identity
+    assert torch.equal(layer(x, r), reference(x, r))
+
+
+def test_fused_resnet_block_converts_to_sync_and_runs_its_residual_call():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = block
+
+        def forward(self, x):
+            return F.relu(self.body(x) + x)
+
+    model = Block()
+    fused = triton_bn.fuse_model(model)
+    synced = convert_sync_batchnorm(copy.deepcopy(fused))
+    assert type(synced.get_submodule("body.1")) is SyncBatchNormAct
+    x = random_input((2, 3, 4, 4), torch.float32, "cpu", seed=3)
+    assert_close(synced(x), model(x), torch.float32, "y")  # training step, no process group: unsynchronized
+    synced.eval(), model.eval()
+    assert_close(synced(x), model(x), torch.float32, "y (eval)")
+    # fuse_model fuses torch's SyncBatchNorm too (it used to leave it torch's, unconverted)
+    fused_sync = triton_bn.fuse_model(nn.Sequential(nn.SyncBatchNorm(3), nn.ReLU()))
+    assert type(fused_sync.get_submodule("0")) is SyncBatchNormAct and fused_sync.get_submodule("0").act_layer == "relu"
+
+
+def test_sync_batch_norm_act_constructor_and_repr():
+    layer = SyncBatchNormAct(4, momentum=None, process_group=None, act_layer=nn.SiLU, save="input")
+    assert isinstance(layer, nn.SyncBatchNorm) and layer.act_layer == "silu" and layer.momentum is None
+    assert list(layer.state_dict()) == list(nn.SyncBatchNorm(4).state_dict())
+    assert "act_layer='silu'" in repr(layer)

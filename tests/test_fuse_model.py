@@ -14,6 +14,7 @@ from torch import nn
 import triton_bn
 from perf.resnet50 import Bottleneck, resnet50
 from perf.saved import model_tensors, saved_activation_bytes
+from tests._optional import optional
 from tests.reference import TOLERANCE, assert_close
 
 
@@ -142,7 +143,7 @@ def test_fuse_model_prints_its_summary(capsys):
 
 
 def test_torchvision_resnet_if_installed():
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = optional("torchvision")
     model = torchvision.models.resnet18()
     _, summary = triton_bn.fuse_model(model, return_summary=True)
     assert summary.counts == {"bn+act": 9, "bn+add+act": 8, "plain": 3}, str(summary)
@@ -189,3 +190,59 @@ def test_in_place_abn_bottleneck_matches_eager_with_the_guarded_scale():
     for (name, p), q in zip(block.named_parameters(), reference.parameters()):
         sign = torch.sign(p.detach()) if name.endswith("weight") and p.dim() == 1 else 1.0
         assert_close(p.grad, (q.grad * sign).double(), torch.float32, name)
+
+
+def _random_statistics(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0.0, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
+def test_freezing_a_fused_model_keeps_activations_and_residuals():
+    """freeze_batch_norm on fuse_model's result: every fused layer becomes a FrozenBatchNorm2d
+    with its activation, called with its residual as before (timm's freeze_batch_norm_2d makes
+    torchvision layers of them, which drop the activation and refuse the residual)."""
+    torch.manual_seed(0)
+    model = _random_statistics(_BasicBlock()).eval()
+    fused = triton_bn.fuse_model(model)
+    frozen = triton_bn.freeze_batch_norm(copy.deepcopy(fused))
+    kinds = [(type(m).__name__, m.act_layer) for m in (frozen.bn1, frozen.bn2)]
+    assert kinds == [("FrozenBatchNorm2d", "silu"), ("FrozenBatchNorm2d", "relu")], kinds
+    x = torch.randn(2, 4, 5, 5)
+    assert_close(frozen(x), model(x), torch.float32, "frozen output")
+    single = triton_bn.FrozenBatchNorm2d.from_batchnorm(fused.bn2)
+    assert single.act_layer == "relu"
+    assert_close(single(x, x), F.relu(model.bn2(x) + x), torch.float32, "from_batchnorm output")
+
+
+class _OwnNorm(nn.Module):
+    """A module that calls F.batch_norm itself (as timm's BatchNormAct2d does)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.full((c,), 0.5))
+        self.register_buffer("running_var", torch.full((c,), 2.0))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training)
+
+
+def test_fuse_model_never_traces_through_a_module_that_calls_batch_norm():
+    """Traced through, ``self.training`` would be baked into the graph: the module is kept
+    whole (and named in the summary), so .eval() still switches it to its running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _OwnNorm(), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+    reference = copy.deepcopy(model)
+    fused, summary = triton_bn.fuse_model(model, return_summary=True)
+    assert summary.counts == {"bn+act": 1, "bn+add+act": 0, "plain": 0}, str(summary)
+    assert any(note.startswith("1: kept whole") for note in summary.notes), str(summary)
+    x = torch.randn(2, 3, 4, 4)
+    fused.eval(), reference.eval()
+    assert_close(fused(x), reference(x), torch.float32, "eval output")
+    assert torch.equal(fused.get_submodule("1").running_mean, torch.full((3,), 0.5)), "eval moved the statistics"

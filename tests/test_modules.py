@@ -183,3 +183,35 @@ def test_rejected_input_leaves_the_module_untouched(momentum, device):
             m(bad)
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} changed by a rejected call"
+
+
+def test_convert_model_summary_names_what_it_converted_and_what_it_left(capsys):
+    """A subclass of torch's BatchNorm (its forward may do more) is left, and the summary says so."""
+
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.BatchNorm2d(3), Scaled(3), triton_bn.BatchNormAct2d(3))  # the last: ours already
+    converted = triton_bn.convert_model(model, verbose=True)
+    assert type(converted[0]) is triton_bn.BatchNorm2d and type(converted[1]) is Scaled
+    out = capsys.readouterr().out
+    assert "1 layers converted, 1 left" in out and "0: BatchNorm2d -> BatchNorm2d" in out, out
+    assert "1: Scaled left: a subclass of torch's batch norm" in out, out
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_jit_trace_records_torchs_ops(training, device):
+    """torch.jit.trace (the legacy ONNX exporter's tracer) cannot see Triton launches: a layer it
+    traces computes with torch's ops, so the trace is the layer's function, not a constant."""
+    torch.manual_seed(0)
+    layer = triton_bn.BatchNormAct2d(3, act_layer="silu").to(device).train(training)
+    with torch.no_grad():
+        layer.running_var.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(layer)
+    x, x2 = (random_input((2, 3, 4, 4), torch.float32, device, seed=s) for s in (1, 2))
+    traced = torch.jit.trace(layer, (x,), check_trace=False)
+    assert "batch_norm" in str(traced.graph)
+    reference(x)  # the same step as the trace's
+    assert_close(traced(x2), reference(x2), torch.float32, "traced output")
+    assert_close(layer.running_mean, reference.running_mean, torch.float32, "running_mean")

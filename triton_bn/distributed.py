@@ -28,6 +28,16 @@ forward all_gather 4 * C * 4 (it receives W times that), backward all_reduce 2 *
 
 The element counts never leave the device (no ``.item()``), so the forward and backward can be
 captured in a CUDA graph with NCCL.
+
+Fused layers (``SyncBatchNormAct``: y = act(BN(x) + residual), fused_modules.py): the same
+collectives; the normalize launch applies the epilogue, and the backward launches take dy
+through act' and give dresidual, as in the unsynchronized kernels. Memory mode
+save="output" (In-Place ABN) keeps y instead of x, scale |gamma| + eps (functional.py).
+
+``convert_sync_batchnorm`` maps every batch norm to its synchronized form: plain ones (torch's,
+triton_bn's, torch's SyncBatchNorm) to ``SyncBatchNorm``, fused ones (triton_bn's BatchNormAct*d,
+timm's BatchNormAct2d / SyncBatchNormAct where timm_layers.parts expresses them) to
+``SyncBatchNormAct``, keeping activation, residual, memory mode and drop.
 """
 from __future__ import annotations
 
@@ -39,17 +49,19 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.fx import Proxy
 
-from .checks import check_args
+from .checks import check_args, check_fused
 from .eager import uses_kernels
 from .function import param_dtype
 from .functional import _contiguous_param
+from .fused_modules import _BatchNormAct, _dropped, _FusedForward
 from .kernels import (bn_backward_dx, bn_backward_reduce, bn_normalize, bn_stats_combine,
                       bn_stats_combine_groups, bn_stats_partial, input_view)
 from .kernels.stats import acc_dtype
 from .kernels.view import mergeable
-from .modules import _TritonBatchNorm
+from .modules import _TritonBatchNorm, with_class
+from .timm_layers import Unexpressible, adopted, is_timm, parts, timm_class
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "sync_batch_norm"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct", "SyncBatchNormFunction", "convert_sync_batchnorm", "sync_batch_norm"]
 
 
 def _all_gather_moments(moments: torch.Tensor, group, world_size: int) -> torch.Tensor:
@@ -67,11 +79,14 @@ def _all_gather_moments(moments: torch.Tensor, group, world_size: int) -> torch.
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """y = BN(x; weight, bias) with the statistics of the whole process group (training only)."""
+    """y = act(BN(x; weight, bias) + residual) with the statistics of the whole process group
+    (training only); ``activation``: a code of kernels/activation.py; ``save_output``: the
+    backward keeps y (weight is then |gamma| + eps, made by the caller); ``inplace``: y over x."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps,
-                num_batches_tracked, group, world_size):
+                num_batches_tracked, group, world_size, residual=None, activation=0, negative_slope=0.01,
+                save_output=False, inplace=False):
         C = input.shape[1]
         if input.numel() > 0:
             view = input_view(input)
@@ -84,25 +99,42 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean, invstd = bn_stats_combine_groups(gathered, eps, running_mean=running_mean, running_var=running_var,
                                                momentum=momentum, num_batches_tracked=num_batches_tracked)
         count = gathered[:, 2].sum(0)  # [C] global elements per channel, kept on the device
-        y = bn_normalize(view, mean, invstd, weight, bias) if input.numel() > 0 else torch.empty_like(input)
-        ctx.save_for_backward(input, weight, mean, invstd, count)
+        if input.numel() > 0:
+            y = bn_normalize(view, mean, invstd, weight, bias, out=input if inplace else None, activation=activation,
+                             negative_slope=negative_slope, residual=residual)
+        else:
+            y = input if inplace else torch.empty_like(input)
+        # The residual is read back only where z needs it: an activation, or x rebuilt from y.
+        keep_residual = residual if (activation != 0 or save_output) else None
+        ctx.save_for_backward(y if save_output else input, weight, bias, mean, invstd, count, keep_residual)
+        if inplace:
+            ctx.mark_dirty(input)
         ctx.group = group
         ctx.param_dtype = param_dtype(weight, bias, input)
+        ctx.epilogue = (activation, negative_slope, save_output, residual is not None)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        input, weight, mean, invstd, count = ctx.saved_tensors
+        input, weight, bias, mean, invstd, count, residual = ctx.saved_tensors  # input: y with save_output
+        activation, negative_slope, from_output, has_residual = ctx.epilogue
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx = d_weight = d_bias = None
+        need_dr = has_residual and ctx.needs_input_grad[10]
+        fused = activation != 0 or from_output  # dz = dy * act'(z) needs z: else dz = dy
+        epilogue = dict(bias=bias, activation=activation, negative_slope=negative_slope, residual=residual,
+                        from_output=from_output)
+        dx = d_weight = d_bias = dr = None
+        if need_dr and not fused:
+            dr = grad_output  # z = BN(x) + r: dr = dy
+        need_dz = need_dr and fused  # dz comes with dx's launch, which needs the all-reduced sums
         if input.numel() > 0:
             view = input_view(input)
             dy = mergeable(grad_output)
-            if need_dx or need_dw or need_db:
+            if need_dx or need_dw or need_db or need_dz:
                 sums, d_weight, d_bias = bn_backward_reduce(view, dy, mean, invstd, weight,
                                                             grad_weight=need_dw, grad_bias=need_db,
-                                                            param_dtype=ctx.param_dtype)
+                                                            param_dtype=ctx.param_dtype, **epilogue)
         else:
             C = input.shape[1]
             sums = torch.zeros((2, C), dtype=mean.dtype, device=input.device)
@@ -112,16 +144,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
             zeros = lambda: torch.zeros(C, dtype=ctx.param_dtype, device=input.device)  # noqa: E731
             d_weight = zeros() if need_dw else None
             d_bias = zeros() if need_db else None
-        if need_dx:
+        if need_dx or need_dz:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
             if input.numel() > 0:
                 # The kernel takes 1 / n as a float; n lives on the device, so the sums are
                 # divided here instead (a [2, C] op, no host sync).
                 mean_sums = sums / count
-                dx = bn_backward_dx(view, dy, mean, invstd, weight, mean_sums, inv_count=1.0)
+                dx = bn_backward_dx(view, dy, mean, invstd, weight, mean_sums, inv_count=1.0, grad_residual=need_dz,
+                                    **epilogue)
+                if need_dz:
+                    dx, dr = dx
             else:
                 dx = torch.empty_like(input)  # still joined the all_reduce: its peers wait for it
-        return dx, d_weight, d_bias, None, None, None, None, None, None, None
+                dr = torch.empty_like(input) if need_dz else dr
+        return (dx if need_dx else None, d_weight, d_bias, None, None, None, None, None, None, None, dr,
+                None, None, None, None)
 
 
 def _check_sync_args(input, running_mean, running_var, weight, bias, momentum, eps):
@@ -186,47 +223,97 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         sync = self._sync_group()
         if sync is None:
             return super().forward(input)
+        return self._synchronized(input, sync)
+
+    def _synchronized(self, input: torch.Tensor, sync, activation=None, negative_slope: float = 0.01,
+                      residual=None, save: str = "input", inplace: bool = False) -> torch.Tensor:
+        """The synchronized training step of a checked input (fused epilogue: batch_norm's)."""
         group, world_size = sync
         track = self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
         momentum = 0.0 if self.momentum is None else self.momentum
+        code = check_fused(input, activation, negative_slope, residual, save, inplace)
         _check_sync_args(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps)
         num_batches_tracked = None
         if track:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 num_batches_tracked = self.num_batches_tracked
-        return _apply(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
-                      group, world_size, num_batches_tracked)
+        weight = self.weight
+        if save == "output" and weight is not None:
+            weight = weight.abs() + self.eps  # In-Place ABN's scale (functional.py), differentiable
+        return SyncBatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(self.bias),
+                                           running_mean, running_var, float(momentum), float(self.eps),
+                                           num_batches_tracked, group, world_size, residual, code,
+                                           float(negative_slope), save == "output", inplace)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every BatchNorm*d (torch's, triton_bn's) and torch SyncBatchNorm in ``module``
-        by this class, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: the new layers
-        share the old parameters and buffers and keep the train/eval state. Returns the
-        converted module (a new object if ``module`` itself is a batch norm)."""
-        output = module
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            # bias=False only exists (and is only needed) for affine layers without a bias.
-            extra = {"bias": False} if module.affine and module.bias is None else {}
-            output = cls(module.num_features, module.eps, module.momentum, module.affine,
-                         module.track_running_stats, process_group, device="meta", **extra)
-            if module.affine:
-                output.weight = module.weight
-                output.bias = module.bias
-            output.running_mean = module.running_mean
-            output.running_var = module.running_var
-            output.num_batches_tracked = module.num_batches_tracked
-            output.training = module.training
-            if hasattr(module, "qconfig"):
-                output.qconfig = module.qconfig
-        for name, child in module.named_children():
+        """Replace every batch norm in ``module`` by its synchronized form, as
+        ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does for torch's: BatchNorm*d (torch's,
+        triton_bn's, other subclasses) and SyncBatchNorm become this class; fused layers
+        (triton_bn's BatchNormAct*d, timm's BatchNormAct2d / SyncBatchNormAct) become
+        ``SyncBatchNormAct`` with their activation, memory mode and drop. The new layers share
+        the old parameters, buffers and hooks and keep the train/eval state. A timm layer whose
+        activation has no fused kernel becomes timm's own SyncBatchNormAct (torch's kernels),
+        as timm's converter makes it. Returns the converted module (a new object if ``module``
+        itself is a batch norm)."""
+        output = _sync_form(module, process_group, cls)
+        for name, child in list(output.named_children()):
             output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return output
 
 
+class SyncBatchNormAct(_FusedForward, SyncBatchNorm):
+    """act(SyncBatchNorm(x) + residual) (``forward(x, residual=None)``), any input of rank >= 2:
+    ``BatchNormAct*d``'s fused arguments (act_layer, negative_slope, save, inplace) after
+    ``torch.nn.SyncBatchNorm``'s. Unsynchronized (eval, no process group, one rank) it is
+    exactly the BatchNormAct*d of the same settings."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, act_layer="relu",
+                 negative_slope: float = 0.01, save: str = "input", inplace: bool = False, device=None, dtype=None,
+                 **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device=device,
+                         dtype=dtype, **kwargs)
+        self._setup_fused(act_layer, negative_slope, save, inplace)
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        sync = None if isinstance(input, Proxy) else self._sync_group()
+        if sync is None:  # the unsynchronized fused layer (or the tracer's call_module leaf)
+            return _FusedForward.forward(self, input, residual)
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        return _dropped(self, self._synchronized(input, sync, self.act_layer, self.negative_slope, residual,
+                                                 self.save, self.inplace))
+
+
+def _sync_form(module: nn.Module, process_group, plain_cls: type) -> nn.Module:
+    """The synchronized layer standing for ``module`` (itself when it is no batch norm)."""
+    if is_timm(module, "BatchNormAct2d", "SyncBatchNormAct"):
+        try:
+            act, drop = parts(module)
+        except Unexpressible:
+            new = with_class(module, timm_class("SyncBatchNormAct"))  # timm's own converter's result
+        else:
+            new = adopted(module, SyncBatchNormAct, act, drop)
+            new._origin = (timm_class("SyncBatchNormAct"), new._origin[1])
+    elif isinstance(module, (_BatchNormAct, SyncBatchNormAct)):
+        new = with_class(module, SyncBatchNormAct)
+        origin = getattr(module, "_origin", None)
+        if origin is not None and origin[0] is timm_class("BatchNormAct2d"):
+            new._origin = (timm_class("SyncBatchNormAct"), origin[1])
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        new = with_class(module, plain_cls)
+    else:
+        return module
+    new.process_group = process_group
+    return new
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """``SyncBatchNorm.convert_sync_batchnorm``: every batch norm in ``module`` becomes a
-    ``triton_bn.SyncBatchNorm`` synchronizing over ``process_group`` (default: the world)."""
+    """``SyncBatchNorm.convert_sync_batchnorm``: every batch norm in ``module`` becomes its
+    synchronized form (``SyncBatchNorm``, or ``SyncBatchNormAct`` for fused and timm's norm-act
+    layers) synchronizing over ``process_group`` (default: the world)."""
     return SyncBatchNorm.convert_sync_batchnorm(module, process_group)

@@ -9,6 +9,11 @@ torch's, timm's and triton_bn's classes. ``forward(x, residual=None)`` computes
 statistics and affine, stored as buffers ``weight``, ``bias``, ``running_mean``,
 ``running_var`` (the same state_dict keys), always normalizing with the running statistics
 (the forward_eval kernel), with an optional fused activation and residual.
+
+A ``drop`` child module (timm's norm-act layers carry one: DropBlock, DropPath, dropout), when
+present, is applied to the fused output. timm applies it between the batch norm and the
+activation; convert.py only moves it after an activation it commutes with (timm_layers.py).
+``_origin``, when set, is the (class, modules) a converter built the layer from (revert.py).
 """
 # No `from __future__ import annotations` (see modules.py: FX copies forward's annotations).
 from typing import Optional, Union
@@ -18,9 +23,10 @@ import torch.fx
 from torch import nn
 from torch.fx import Proxy
 
+from .decompose import jit_batch_norm, jit_tracing
 from .functional import _batch_norm
 from .kernels.activation import NAMES, activation_code, invertible
-from .modules import _check_rank, _TritonBatchNorm
+from .modules import _check_rank, _TritonBatchNorm, with_class
 
 torch.fx.wrap("_batch_norm")
 torch.fx.wrap("_check_rank")
@@ -81,8 +87,9 @@ class _FusedForward:
             input = _check_rank(input, self._RANKS)
         else:
             self._check_input_dim(input)
-        return self._triton_forward(input, activation=self.act_layer, negative_slope=self.negative_slope,
-                                    residual=residual, save=self.save, inplace=self.inplace)
+        return _dropped(self, self._triton_forward(input, activation=self.act_layer,
+                                                   negative_slope=self.negative_slope, residual=residual,
+                                                   save=self.save, inplace=self.inplace))
 
     def extra_repr(self) -> str:
         extra = f", act_layer={self.act_layer!r}"
@@ -93,6 +100,12 @@ class _FusedForward:
         if self.inplace:
             extra += ", inplace=True"
         return super().extra_repr() + extra
+
+
+def _dropped(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """y through the layer's ``drop`` module, where it has one (see the module docstring)."""
+    drop = layer._modules.get("drop")
+    return y if drop is None else drop(y)
 
 
 class _BatchNormAct(_FusedForward, _TritonBatchNorm):
@@ -134,8 +147,7 @@ def fused_from(bn: nn.modules.batchnorm._BatchNorm, act_layer=None, negative_slo
     """A BatchNormAct*d sharing ``bn``'s parameters, buffers, hooks and train/eval state."""
     for torch_cls, fused_cls in FUSED_CLASSES.items():
         if isinstance(bn, torch_cls):
-            new = fused_cls.__new__(fused_cls)
-            new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in bn.__dict__.items()})
+            new = with_class(bn, fused_cls)
             new._setup_fused(act_layer, negative_slope, save, inplace)
             return new
     raise TypeError(f"fused_from: {type(bn).__name__} is not a BatchNorm1d/2d/3d")
@@ -164,9 +176,20 @@ class FrozenBatchNorm2d(nn.Module):
                                       error_msgs)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, act_layer=None, negative_slope: float = 0.01):
-        """A frozen copy of a BatchNorm2d's current parameters and running statistics."""
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, act_layer=..., negative_slope: Optional[float] = None):
+        """A frozen copy of a BatchNorm2d's current parameters and running statistics.
+
+        ``act_layer`` (and ``negative_slope``) default to the layer's own fused activation (a
+        BatchNormAct's; None for a plain BatchNorm), so a fused layer freezes with its
+        activation, and, its forward taking ``(x, residual)`` as theirs, with its residual add.
+        Its ``drop`` module, if any, is kept (shared)."""
+        if act_layer is ...:
+            act_layer = getattr(bn, "act_layer", None)
+        if negative_slope is None:
+            negative_slope = getattr(bn, "negative_slope", 0.01)
         frozen = cls(bn.num_features, bn.eps, act_layer, negative_slope)
+        if "drop" in bn._modules:
+            frozen.drop = bn._modules["drop"]
         with torch.no_grad():
             if bn.affine:
                 frozen.weight.copy_(bn.weight)
@@ -177,8 +200,10 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         input = _check_rank(input, (4,))
-        return _batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
-                           activation=self.act_layer, negative_slope=self.negative_slope, residual=residual)
+        compute = jit_batch_norm if jit_tracing() else _batch_norm  # torch.jit records torch's ops only
+        return _dropped(self, compute(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                      self.eps, activation=self.act_layer, negative_slope=self.negative_slope,
+                                      residual=residual))
 
     def extra_repr(self) -> str:
         act = "" if self.act_layer is None else f", act_layer={self.act_layer!r}"

@@ -1,4 +1,5 @@
-"""Layer 3: ``BatchNorm1d/2d/3d`` as subclasses of torch.nn's own classes, and ``convert_model``.
+"""Layer 3: ``BatchNorm1d/2d/3d`` as subclasses of torch.nn's own classes (``convert_model``,
+which swaps them into a model, is convert.py, above this layer and distributed.py).
 
 Subclassing keeps everything a model relies on — constructor, parameters, buffers,
 state_dict keys, ``reset_parameters``, ``_check_input_dim``, ``isinstance`` — and only the
@@ -14,6 +15,10 @@ torch's BatchNorm is, and the GraphModule calls the module, which reads its trai
 (and SyncBatchNorm its process group) when it runs. Only a layer traced as the root (torch's
 own BatchNorm cannot be) is traced through, into ``functional._batch_norm``: there, as for any
 traced-through code, the train/eval flag and momentum are captured at trace time.
+
+``torch.jit.trace`` (and the legacy ONNX exporter built on it) records torch's ops only: while
+it traces, the forward computes with them (decompose.jit_batch_norm), so a converted model
+exports as torch's would.
 """
 # No `from __future__ import annotations`: symbolic_trace copies forward's annotations into
 # the graph, and a string one makes a traced root layer's GraphModule unpicklable.
@@ -22,6 +27,7 @@ import torch.fx
 from torch import nn
 from torch.fx import Proxy
 
+from .decompose import jit_batch_norm, jit_tracing
 from .functional import _batch_norm
 
 
@@ -80,7 +86,8 @@ class _TritonBatchNorm:
         # Batch statistics in training, and in eval when no running statistics exist.
         bn_training = training or (running_mean is None and running_var is None)
         use_buffers = not training or self.track_running_stats
-        return _batch_norm(input, running_mean if use_buffers else None, running_var if use_buffers else None,
+        compute = jit_batch_norm if jit_tracing() else _batch_norm  # torch.jit records torch's ops only
+        return compute(input, running_mean if use_buffers else None, running_var if use_buffers else None,
                            weight, bias, bn_training, momentum, self.eps, counter if counting else None,
                            self.momentum is None, **fused)
 
@@ -117,40 +124,14 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
     _RANKS = (5,)
 
 
+#: torch's layer classes and triton_bn's drop-in for each (convert.py, interop.py, revert.py).
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
-def _replacement(module_type: type):
-    if module_type is nn.SyncBatchNorm:
-        # distributed.py builds on this module: import it when it is needed, not at import time.
-        from .distributed import SyncBatchNorm
-        return SyncBatchNorm
-    return _REPLACEMENTS.get(module_type)
-
-
-def _converted(module: nn.Module) -> nn.Module:
-    replacement = _replacement(type(module))
-    if replacement is None:
-        return module
-    new = replacement.__new__(replacement)
-    # Share the very same parameters and buffers (optimizers holding them keep working);
-    # copy the containers so the two modules don't alias each other's dicts.
+def with_class(module: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` sharing ``module``'s very parameters, buffers, hooks and flags (an optimizer
+    holding them keeps working); the containers are copied, so the two do not alias each
+    other's dicts. How every converter here changes a layer's class."""
+    new = cls.__new__(cls)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     return new
-
-
-def convert_model(module: nn.Module) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` in ``module``
-    (itself included) by the triton_bn class, keeping parameters, buffers, device, dtype, hooks,
-    train/eval state and, for SyncBatchNorm, the process group.
-
-    ``triton_bn.convert_model(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))`` thus gives
-    triton_bn's SyncBatchNorm layers (torch's converter alone turns triton_bn layers back into
-    torch's SyncBatchNorm); ``triton_bn.convert_sync_batchnorm(model)`` does it in one step.
-    Other subclasses (user subclasses, lazy modules) are left alone. Returns the converted
-    module; children are replaced in place.
-    """
-    root = _converted(module)
-    for name, child in list(root.named_children()):
-        setattr(root, name, convert_model(child))
-    return root
