@@ -28,7 +28,9 @@ Read the numbers as host cost against host cost. triton_bn's include everything 
 does on the host but the driver's launch itself; torch's are its CPU eager path on the same
 tensor (dispatch plus a CPU kernel over a few hundred elements), where on a GPU torch would
 pay a cudaLaunchKernel per kernel instead. Neither is GPU time; the ratio is no speed-up.
-Output: a table (us per call, ratio, launches per call) and ``<out>/host-cost-<cpu>.csv``.
+Output: a table (us per call, ratio, launches per call) and ``<out>/host-cost-<cpu>.csv``, whose
+header records the torch and Triton versions and the launch path the plans took (``launch_path``:
+``c:packed``, ``c:varargs`` or ``triton``, see LAUNCH_PATHS).
 """
 from __future__ import annotations
 
@@ -221,10 +223,12 @@ def benchmark(args, count_launches: Callable[[], int]) -> int:
                          "ratio": ours.median_us / theirs.median_us, "launches": launches,
                          "reps": args.reps, "calls_per_rep": args.calls})
             print(_table_line(rows[-1]), flush=True)
+    path = launch_paths()
+    print(f"launch path: {path} ({LAUNCH_PATHS.get(path, 'mixed')}), Triton {triton.__version__}")
     meta = {"label": LABEL, "cpu": cpu_model(), "date": datetime.datetime.now(datetime.timezone.utc)
             .isoformat(timespec="seconds"), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "threads": "1",
-            "triton_bn": "kernels compiled for sm_90, Triton's C launcher, cuLaunchKernelEx stubbed; "
+            "python": platform.python_version(), "threads": "1", "launch_path": path,
+            "triton_bn": f"kernels compiled for sm_90, {LAUNCH_PATHS.get(path, path)}, cuLaunchKernelEx stubbed; "
                          "TRITON_BN_PIN_CONFIG=1",
             "torch_side": "CPU eager on the same tensor (dispatch + CPU kernel, no launch)",
             "ratio": "triton_bn us / torch us (host cost, not a speed-up)"}
@@ -232,6 +236,20 @@ def benchmark(args, count_launches: Callable[[], int]) -> int:
     write_csv(path, meta, rows)
     print(f"wrote {path}\n*** {LABEL} ***")
     return 0
+
+
+# How triton_bn's recorded plans launch (triton_bn/kernels/launch.py), by the name each plan's
+# launch function carries; which one a Triton version takes: triton_bn.compat.C_LAUNCH_LAYOUTS.
+LAUNCH_PATHS = {"c:packed": "Triton's C launch function called directly (Triton >= 3.7 signature)",
+                "c:varargs": "the kernel's C launcher called directly (Triton 3.5/3.6 signature)",
+                "triton": "Triton's Python launcher (kernel.run; no known C launch signature)"}
+
+
+def launch_paths() -> str:
+    """The launch path(s) of every plan recorded in this process, '+'-joined ('none' if none)."""
+    from triton_bn.kernels.launch import all_launches
+    paths = {getattr(plan.go, "path", "unknown") for launch in all_launches() for plan in launch.plans.values()}
+    return "+".join(sorted(paths)) or "none"
 
 
 def _table_header() -> str:
@@ -255,6 +273,8 @@ def worker(argv) -> int:
         return 2
     import warnings
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # a Triton 3.9 notice
+    # A CUDA build of torch asks the (stub) driver for devices in autograd's backward, and warns.
+    warnings.filterwarnings("ignore", message="CUDA initialization")
     from .host_driver import install
     return benchmark(parse(argv), install())
 

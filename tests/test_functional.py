@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import triton_bn
 import triton_bn.functional as functional
 from tests.reference import assert_close, assert_no_host_sync, random_input, reference_batch_norm
+from triton_bn.compat import TORCH
 from triton_bn.kernels.tuning import use_onchip
 
 SHAPES_LAYOUTS = [
@@ -120,10 +121,58 @@ def test_large_mean_small_std_stays_accurate(device):
 
 
 def test_eval_with_eps_zero(device):
+    """eps = 0 is allowed in eval on every torch (torch 2.11 refuses it: the reference is computed
+    here, not by torch's batch_norm)."""
     x = random_input((4, 3, 5), torch.float32, device, seed=10)
     _, _, rm, rv = _params(3, torch.float32, device)
-    ref_y, _, _, _ = reference_batch_norm(x, rm, rv, None, None, False, 0.1, 0.0)
+    x64, rm64, rv64 = (t.double() for t in (x, rm, rv))
+    ref_y = (x64 - rm64[None, :, None]) / rv64[None, :, None].sqrt()
     assert_close(triton_bn.batch_norm(x, rm, rv, eps=0.0), ref_y, torch.float32, "y")
+
+
+# triton_bn's eps rule on every torch: torch 2.12 - 2.15's (torch 2.9 checks no eps; 2.11
+# refuses eps <= 0 in eval too, with another message).
+EPS_CASES = [(True, 0.0, "batch_norm eps must be positive during training, but got 0.0"),
+             (True, -1.0, "batch_norm eps must be positive during training, but got -1.0"),
+             (False, -1.0, "batch_norm eps must be non-negative, but got -1.0"),
+             (False, 0.0, None), (True, 1e-5, None)]
+
+
+def _torch_has_the_eps_rule() -> bool:
+    """Whether the installed torch's batch_norm refuses eps as triton_bn does."""
+    x, rm, rv = torch.randn(2, 1), torch.zeros(1), torch.ones(1)
+    for training, eps, message in EPS_CASES:
+        try:
+            F.batch_norm(x, rm.clone(), rv.clone(), training=training, eps=eps)
+        except ValueError as error:
+            if str(error) != message:
+                return False
+        else:
+            if message is not None:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("training, eps, message", EPS_CASES)
+def test_eps_rule_is_the_same_on_every_torch(training, eps, message, device):
+    x = random_input((4, 3, 5), torch.float32, device, seed=10)
+    _, _, rm, rv = _params(3, torch.float32, device)
+    if message is None:
+        assert torch.isfinite(triton_bn.batch_norm(x, rm, rv, training=training, eps=eps)).all()
+        return
+    with pytest.raises(ValueError) as ours:
+        triton_bn.batch_norm(x, rm, rv, training=training, eps=eps)
+    assert str(ours.value) == message
+    module = triton_bn.BatchNorm1d(3, eps=eps).to(device).train(training)
+    with pytest.raises(ValueError, match="batch_norm eps must be"):
+        module(x)
+
+
+def test_eps_rule_is_the_newest_torchs():
+    """The rule is torch's where torch has it (2.12 and later); checked against torch there."""
+    if TORCH[:2] < (2, 12):
+        pytest.skip(f"torch {torch.__version__} has another eps rule (triton_bn keeps 2.12's)")
+    assert _torch_has_the_eps_rule()
 
 
 @pytest.mark.parametrize("shape", [(0,), (0, 3, 4), (0, 3), (2, 3, 0)])
@@ -197,7 +246,10 @@ def test_bad_input_raises_before_any_buffer_changes(case, device, monkeypatch):
 
 
 def test_errors_match_torch_where_torch_raises(device):
+    same_eps_rule = _torch_has_the_eps_rule()
     for args, kwargs, error, message in _bad_calls(device):
+        if "eps" in message and not same_eps_rule:  # triton_bn's eps rule is torch 2.12's on every torch
+            continue
         with pytest.raises(error, match=message) as ours:
             triton_bn.batch_norm(*args, **kwargs)
         with pytest.raises(Exception) as theirs:

@@ -33,6 +33,8 @@ def check_args(input, running_mean, running_var, weight, bias, training, momentu
             per_channel *= s
         if per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    # torch 2.12 - 2.15's eps rule (the newest torch's), kept on every torch: torch 2.9 checks
+    # no eps, 2.11 refuses eps <= 0 in eval too ("batch_norm eps must be positive").
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:

@@ -9,6 +9,7 @@ Plain eager calls take eager.py's leaner twin.
 from __future__ import annotations
 
 import torch
+from .compat import functorch_transforms_active, len_dispatch_stack  # first: it checks the versions
 from . import ops
 from .composite import composite_grads
 from .kernels import bn_backward, bn_forward_eval, bn_forward_train
@@ -24,7 +25,7 @@ def traced(x: torch.Tensor) -> bool:
     tracers see as one op with declared mutations. Eager calls skip the dispatcher and call
     the same launchers directly (the dispatcher round trip costs more host time than a launch)."""
     return (type(x) is not torch.Tensor or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() > 0)
+            or len_dispatch_stack() > 0)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -119,4 +120,4 @@ def gradients(grad_output, saved, weight, bias, mean, stat, needs, training, eps
 # inspect.signature for setup_context Functions, functorch unwrapping): eager calls outside
 # torch.func transforms pass every argument and go straight to the C++ apply.
 apply_fused = super(torch.autograd.Function, BatchNormFunction).apply
-functorch_active = torch._C._are_functorch_transforms_active
+functorch_active = functorch_transforms_active

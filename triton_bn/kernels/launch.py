@@ -33,6 +33,7 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 
+from ..compat import C_LAUNCH_LAYOUT
 from .tuning import interpreting
 
 _ALL_LAUNCHES: list = []
@@ -94,7 +95,9 @@ def fresh(tensor: torch.Tensor) -> torch.Tensor:
 
 def stream_scratch(tensor: torch.Tensor, get: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """Mark ``tensor`` as a per-stream scratch buffer; a replay calls ``get(*args, stream)``
-    (``stream``: current_stream's value) for the current stream's, which marks nothing."""
+    (``stream``: current_stream's value) at every call, for the buffer that call must use (the
+    current stream's, or one of its own while a CUDA graph is captured: tickets.for_stream).
+    ``get`` marks nothing."""
     if recording is not None and _recording():
         recording.scratch.append((tensor, functools.partial(get, *args)))
     return tensor
@@ -145,36 +148,52 @@ class _Plan:
 
 
 def _triton_launcher(kernel, grid3):
+    """Triton's own launch of this kernel (``kernel.run``, its CudaLauncher), the same on every
+    Triton in range: scratch allocation, GSan and the launch hooks' arguments in Python."""
     x, y, z = grid3
 
     def go(stream, args):
         kernel.run(x, y, z, stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+    go.path = "triton"
     return go
 
 
-def _c_launcher(kernel, grid3):
+# What the CudaLauncher must have, per C launch layout (compat.C_LAUNCH_LAYOUTS).
+_C_LAUNCH_NEEDS = {
+    "varargs": ("launch", "global_scratch_size", "profile_scratch_size", "launch_cooperative_grid", "launch_pdl"),
+    "packed": ("launch", "global_scratch_size", "profile_scratch_size", "launch_cooperative_grid", "launch_pdl",
+               "arg_annotations", "kernel_signature"),
+}
+
+
+def _c_launcher(kernel, grid3, layout: Optional[str] = C_LAUNCH_LAYOUT):
     """Triton's C launch function bound to this kernel, or None (then ``kernel.run``).
 
     ``kernel.run`` (the CudaLauncher) is a Python function that allocates global and profile
     scratch and handles GSan on every call, then calls its C ``launch``; for a kernel that needs
     neither scratch nor GSan that wrapper is ~1.4 us of host time per launch (stub-driver
-    benchmark), half of the launch. Its attributes are Triton-internal: any difference from
-    the expected ones keeps Triton's own path."""
+    benchmark), half of the launch. The C function's signature is Triton-internal and differs
+    between versions (``layout``, compat.C_LAUNCH_LAYOUTS): a Triton whose signature is not
+    listed, or whose launcher lacks an expected attribute, keeps Triton's own path."""
     run = getattr(kernel, "run", None)
-    needed = ("launch", "global_scratch_size", "profile_scratch_size", "gsan_enabled", "launch_cooperative_grid",
-              "launch_pdl", "arg_annotations", "kernel_signature")
-    if run is None or not all(hasattr(run, name) for name in needed):
+    needed = _C_LAUNCH_NEEDS.get(layout)
+    if run is None or needed is None or not all(hasattr(run, name) for name in needed):
         return None
-    if run.global_scratch_size or run.profile_scratch_size or run.gsan_enabled:
+    if run.global_scratch_size or run.profile_scratch_size or getattr(run, "gsan_enabled", False):
         return None
     c_launch, function, metadata = run.launch, kernel.function, kernel.packed_metadata
-    cooperative, pdl, annotations, signature = (run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
-                                                run.kernel_signature)
+    cooperative, pdl = run.launch_cooperative_grid, run.launch_pdl
     x, y, z = grid3
+    if layout == "packed":
+        annotations, signature = run.arg_annotations, run.kernel_signature
 
-    def go(stream, args):
-        c_launch(x, y, z, stream, function, cooperative, pdl, metadata, None, None, None, None, None, annotations,
-                 signature, args)
+        def go(stream, args):
+            c_launch(x, y, z, stream, function, cooperative, pdl, metadata, None, None, None, None, None,
+                     annotations, signature, args)
+    else:
+        def go(stream, args):
+            c_launch(x, y, z, stream, function, cooperative, pdl, None, None, metadata, None, None, None, *args)
+    go.path = f"c:{layout}"
     return go
 
 
