@@ -80,3 +80,19 @@ def assert_no_host_sync(step):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def random_statistics(model, seed=0):
+    """Every batch norm of ``model`` with seeded running statistics and affine parameters (not
+    the init's zeros and ones, which would hide a swapped or dropped one); returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                if m.running_mean is not None:
+                    m.running_mean.normal_(0.0, 0.3, generator=g)
+                    m.running_var.uniform_(0.5, 1.5, generator=g)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0.0, 0.3, generator=g)
+    return model

@@ -11,7 +11,7 @@ from torch import nn
 
 import triton_bn
 from tests._optional import optional
-from tests.reference import assert_close, random_input
+from tests.reference import assert_close, random_input, random_statistics
 
 
 class _Net(nn.Module):
@@ -34,15 +34,7 @@ class _Net(nn.Module):
 
 def _model_and_input():
     torch.manual_seed(0)
-    model = _Net()
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0.0, 0.3, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0.0, 0.3, generator=g)
+    model = random_statistics(_Net(), seed=1)
     return model.eval(), random_input((2, 3, 4, 4), torch.float32, "cpu", seed=2)
 
 

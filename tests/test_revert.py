@@ -7,19 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_bn
-from tests.reference import assert_close, random_input
-
-
-def _statistics(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0.0, 0.3, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5, generator=g)
-    return model
+from tests.reference import assert_close, random_input, random_statistics
 
 
 class _Block(nn.Module):
@@ -41,7 +29,7 @@ def _ours(module: nn.Module) -> list:
 
 def test_revert_of_a_converted_model_is_torchs_model():
     torch.manual_seed(0)
-    model = _statistics(nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm2d(3, affine=False)),
+    model = random_statistics(nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm2d(3, affine=False)),
                                       nn.SyncBatchNorm(3, momentum=None)))
     reference = copy.deepcopy(model)
     tensors = [t.data_ptr() for t in [*model.parameters(), *model.buffers()]]
@@ -57,7 +45,7 @@ def test_revert_of_a_fused_graph_is_a_torch_graph_computing_the_same():
     """BN -> act and BN -> add -> act fused by fuse_model come back as torch's BatchNorm node,
     the add and the activation: no triton_bn module is left, the outputs are the model's."""
     torch.manual_seed(0)
-    model = _statistics(_Block()).eval()
+    model = random_statistics(_Block()).eval()
     fused = triton_bn.fuse_model(model)
     assert _ours(fused)
     reverted, summary = triton_bn.revert_model(fused, return_summary=True)
@@ -82,7 +70,7 @@ def test_revert_of_fuse_models_sequential_fallback_puts_the_activation_back():
             y = self.body(x)
             return y if y.sum() > 0 else -y
 
-    model = _statistics(Branchy()).eval()
+    model = random_statistics(Branchy()).eval()
     reference = copy.deepcopy(model)
     fused = triton_bn.fuse_model(model)
     assert isinstance(fused.body[2], nn.Identity)

@@ -38,10 +38,16 @@ class ConvertSummary:
     left: List[Tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"convert_model: {len(self.converted)} layers converted, {len(self.left)} left as they were"]
-        lines += [f"  {name or '(root)'}: {old} -> {new}" for name, old, new in self.converted]
-        lines += [f"  {name or '(root)'}: {cls} left: {reason}" for name, cls, reason in self.left]
-        return "\n".join(lines)
+        return summary_text("convert_model", "converted", self.converted, self.left)
+
+
+def summary_text(tool: str, verb: str, done: list, left: list) -> str:
+    """The converters' summaries (convert_model, revert_model): a count line, then a line per
+    layer changed ((name, from, to)) and per layer left ((name, class, reason))."""
+    lines = [f"{tool}: {len(done)} layers {verb}, {len(left)} left as they were"]
+    lines += [f"  {name or '(root)'}: {old} -> {new}" for name, old, new in done]
+    lines += [f"  {name or '(root)'}: {cls} left: {reason}" for name, cls, reason in left]
+    return "\n".join(lines)
 
 
 def _describe(module: nn.Module) -> str:

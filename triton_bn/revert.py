@@ -34,6 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .convert import summary_text
 from .distributed import SyncBatchNorm, SyncBatchNormAct
 from .fused_modules import FUSED_CLASSES, FrozenBatchNorm2d, _BatchNormAct
 from .modules import _REPLACEMENTS, with_class
@@ -55,10 +56,7 @@ class RevertSummary:
     left: List[Tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"revert_model: {len(self.reverted)} layers reverted, {len(self.left)} left as they were"]
-        lines += [f"  {name or '(root)'}: {old} -> {new}" for name, old, new in self.reverted]
-        lines += [f"  {name or '(root)'}: {cls} left: {reason}" for name, cls, reason in self.left]
-        return "\n".join(lines)
+        return summary_text("revert_model", "reverted", self.reverted, self.left)
 
 
 def _is_ours(module: nn.Module) -> bool:
