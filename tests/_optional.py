@@ -33,7 +33,7 @@ def optional(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as error:
-        pytest.skip(f"{name} is not installed ({error})")
+        pytest.skip(f"{name} is not installed ({error})", allow_module_level=True)  # module-level use too
     except RuntimeError as error:
         if "torchvision::" not in str(error):
             raise
