@@ -16,6 +16,9 @@ Triton 3.5 or 3.6 and numpy >= 2.4, whose interpreter converts a 1-element array
     knobs.runtime.launch_enter_hook, driver,    kernels/, tune/,        tests/test_versions.py checks each on the
       Autotuner .fn .configs .cache             report/                 installed Triton and names the version
       .best_config, JITFunction .arg_names
+    OpOverload.py_impl(DispatchKey.            decompose.py            none (import fails): present on torch 2.9-2.15;
+      CompositeImplicitAutograd)                                        the version matrix imports it on each pair,
+                                                                        tests/test_onnx.py exercises it
 """
 from __future__ import annotations
 
