@@ -169,7 +169,7 @@ def test_statistics_partials_of_2_31_rows():
         x, partial, C=K, rows_per_split=BLOCK_R, cols_per_split=K, splits_k=1, partial_field_stride=splits * K,
         tickets_ptr=None, mean_ptr=None, invstd_ptr=None, running_mean_ptr=None, running_var_ptr=None,
         num_batches_tracked_ptr=None, momentum_hi=0.0, momentum_lo=0.0, eps=0.0, COMBINE=False, UPDATE_RUNNING=False,
-        COUNT_STEP=False, CUMULATIVE_AVERAGE=False, **_strides("x"), **_common())
+        COUNT_STEP=False, CUMULATIVE_AVERAGE=False, EVICT_LAST=True, **_strides("x"), **_common())
     shifted = (x.double() - x[0].double()).view(splits, BLOCK_R, K)
     assert torch.equal(partial[2], torch.full((splits, K), float(BLOCK_R))), "every split holds its rows"
     torch.testing.assert_close(partial[0].double(), shifted.mean(1), rtol=1e-6, atol=1e-6)
@@ -188,7 +188,7 @@ def test_normalize_of_2_31_rows():
     normalize_kernels._bn_normalize_kernel.fn[(ROWS // BLOCK_R,)](
         x, None, y, mean, invstd, weight, bias, **_strides("x"), **_strides("r"), **_strides("y"), eps=0.0,
         slope_hi=0.0, slope_lo=0.0, STAT_IS_VAR=False, HAS_WEIGHT=True, HAS_BIAS=True, ACTIVATION=0,
-        HAS_RESIDUAL=False, FLAT=False, FLAT_INNER=1, FLAT_C=1, **_common())
+        HAS_RESIDUAL=False, FLAT=False, FLAT_INNER=1, FLAT_C=1, L2_REVERSED=True, **_common())
     expected = (x.double() - mean.double()) * invstd.double() * weight.double() + bias.double()
     torch.testing.assert_close(y.double(), expected, rtol=2e-3, atol=2e-3)
 
@@ -205,7 +205,7 @@ def test_backward_of_2_31_rows():
         slope_hi=0.0, slope_lo=0.0, tickets_ptr=torch.zeros(1, dtype=torch.int32), sums_ptr=sums,
         grad_weight_ptr=None, grad_bias_ptr=None, STAT_IS_VAR=False, HAS_WEIGHT=False, HAS_BIAS=False,
         ACTIVATION=0, HAS_RESIDUAL=False, FROM_OUTPUT=False, FUSED=False, HAS_GRAD_WEIGHT=False,
-        HAS_GRAD_BIAS=False, **_common())
+        HAS_GRAD_BIAS=False, EVICT_LAST=True, **_common())
     xmu, dy64 = x.double() - mean.double(), dy.double()
     torch.testing.assert_close(sums.double(), torch.stack([dy64.sum(0), (dy64 * xmu).sum(0)]), rtol=1e-5, atol=1e-4)
     dx = torch.full((ROWS, K), float("nan"), dtype=torch.float16)
@@ -215,7 +215,7 @@ def test_backward_of_2_31_rows():
         **_strides("dx"), **_strides("r"), inv_count_hi=inv_count, inv_count_lo=0.0, eps=0.0, slope_hi=0.0,
         slope_lo=0.0, TRAINING=True, STAT_IS_VAR=False, HAS_WEIGHT=True, HAS_BIAS=False, ACTIVATION=0,
         HAS_RESIDUAL=False, FROM_OUTPUT=False, WRITE_DRESIDUAL=False, FUSED=False, FLAT=False, FLAT_INNER=1,
-        FLAT_C=1, **_common())
+        FLAT_C=1, L2_REVERSED=True, **_common())
     a, s = invstd.double() * weight.double(), sums.double()
     expected = (dy64 - s[0] * inv_count - xmu * invstd.double() ** 2 * s[1] * inv_count) * a
     torch.testing.assert_close(dx.double(), expected, rtol=2e-3, atol=2e-3)

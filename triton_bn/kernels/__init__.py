@@ -34,7 +34,7 @@ from .replay import replayable
 from .onchip import bn_onchip_backward, bn_onchip_forward, onchip_tile_for
 from .combine import bn_stats_combine, bn_stats_combine_groups
 from .stats import bn_stats, bn_stats_partial
-from .tuning import onchip_enabled, use_onchip
+from .tuning import l2_passes, onchip_enabled, use_onchip
 from .view import NQKView, _geometry, mergeable, nqk_view, output_for
 
 __all__ = [
@@ -88,14 +88,16 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
         y, mean, invstd = bn_onchip_forward(view, tile, weight, bias, rm, rv, momentum, eps, num_batches_tracked,
                                             activation=activation, negative_slope=negative_slope,
                                             residual=residual, out=out)
-    else:
-        mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits)
+        l2_reversed = False
+    else:  # the split path: normalize re-reads x after the statistics pass (tuning.l2_passes)
+        evict_last, l2_reversed = l2_passes(view.N * view.Q * view.K * x.element_size(), x.device)
+        mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits, evict_last)
     for buffer, updated in ((running_mean, rm), (running_var, rv)):
         if updated is not buffer:
             buffer.copy_(updated)
     if tile is None:
         y = bn_normalize(view, mean, invstd, weight, bias, out=out, activation=activation,
-                         negative_slope=negative_slope, residual=residual)
+                         negative_slope=negative_slope, residual=residual, l2_reversed=l2_reversed)
     return y, mean, invstd
 
 
@@ -146,15 +148,21 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
         return grads if len(needs_input_grad) > 3 else grads[:3]
     stat_is_var = not training
     sums = d_weight = d_bias = None
-    if need_dw or need_db or ((need_dx or need_dr) and training):
+    reduce = need_dw or need_db or ((need_dx or need_dr) and training)
+    # The split path's dx re-reads x, dy (and r) after the reduction (tuning.l2_passes).
+    evict_last = l2_reversed = False
+    if reduce and (need_dx or need_dr):
+        read = 3 if residual is not None and (activation != 0 or from_output) else 2
+        evict_last, l2_reversed = l2_passes(read * view.N * view.Q * view.K * x.element_size(), x.device)
+    if reduce:
         sums, d_weight, d_bias = bn_backward_reduce(view, dy, mean, stat, weight, eps, stat_is_var,
                                                     grad_weight=need_dw, grad_bias=need_db, splits=splits,
-                                                    param_dtype=param_dtype, **fused)
+                                                    param_dtype=param_dtype, evict_last=evict_last, **fused)
     dx = d_residual = None
     if need_dx or need_dr:
         inv_count = 1.0 / max(view.per_channel, 1)
         dx = bn_backward_dx(view, dy, mean, stat, weight, sums, inv_count, eps, stat_is_var, training,
-                            grad_residual=need_dr, **fused)
+                            grad_residual=need_dr, l2_reversed=l2_reversed, **fused)
         if need_dr:
             dx, d_residual = dx
         dx = dx if need_dx else None

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .activation import _recompute
 from .helpers import (_combine_block, _along_channel_axis, _dx_coefficients, _elementwise_offsets,
-                      _elementwise_tile, _last_of_channel,
+                      _elementwise_tile, _l2_policy, _last_of_channel, _walk_pid,
                       _load_channel_param, _load_channel_stats, _release_ticket,
                       _split_bounds, _tile_offsets, _training_dx, _wide, _wide_scalar, split_float)
 from .normalize import elementwise_grid
@@ -66,6 +66,7 @@ def _bn_backward_partial_kernel(
     FUSED: tl.constexpr,  # ACTIVATION != 0 or FROM_OUTPUT: dz differs from dy, or x - mean needs y
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    EVICT_LAST: tl.constexpr,  # x, dy, r loads evict_last: dx reads them again from L2 (tuning.l2_passes)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -101,14 +102,17 @@ def _bn_backward_partial_kernel(
                                       DENSE_ROWS, INDEX_64)
             dy_offsets = _tile_offsets(rows, cols, pid_c, Q, dy_n_stride, dy_q_stride, dy_k_stride, CHANNELS_LAST,
                                        DENSE_ROWS, INDEX_64)
-            x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
-            dy = tl.load(dy_ptr + dy_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
+            x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0,
+                        eviction_policy=_l2_policy(EVICT_LAST, "evict_last")).to(ACC_DTYPE)
+            dy = tl.load(dy_ptr + dy_offsets, mask=valid, other=0.0,
+                         eviction_policy=_l2_policy(EVICT_LAST, "evict_last")).to(ACC_DTYPE)
             if FUSED:
                 r = x
                 if HAS_RESIDUAL:
                     r_offsets = _tile_offsets(rows, cols, pid_c, Q, r_n_stride, r_q_stride, r_k_stride,
                                               CHANNELS_LAST, DENSE_ROWS, INDEX_64)
-                    r = tl.load(r_ptr + r_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
+                    r = tl.load(r_ptr + r_offsets, mask=valid, other=0.0,
+                                eviction_policy=_l2_policy(EVICT_LAST, "evict_last")).to(ACC_DTYPE)
                 xmu, act_grad = _recompute(x, r, mean, invstd, gamma, beta, negative_slope,
                                            ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT)
                 dz = dy * act_grad  # masked lanes: dy = 0 and a finite act_grad
@@ -186,9 +190,11 @@ def _bn_backward_dx_kernel(
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
     # FLAT: every tensor above is dense with x's strides and is walked as one flat [N*Q*K] array
     FLAT: tl.constexpr, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr,  # (helpers._flat_tile)
+    # L2_REVERSED: after the partial pass, the last tile first, x, dy, r loaded evict_first (_walk_pid)
+    L2_REVERSED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, cols, mask, channels, channel_mask = _elementwise_tile(tl.program_id(0), N, Q, K, CHANNELS_LAST, FLAT,
+    rows, cols, mask, channels, channel_mask = _elementwise_tile(_walk_pid(L2_REVERSED), N, Q, K, CHANNELS_LAST, FLAT,
                                                                  FLAT_INNER, FLAT_C, INDEX_64, BLOCK_R, BLOCK_K)
     mean, invstd = _load_channel_stats(mean_ptr, stat_ptr, channels, channel_mask, eps, STAT_IS_VAR, ACC_DTYPE)
     gamma = _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
@@ -198,17 +204,20 @@ def _bn_backward_dx_kernel(
                                       DENSE_ROWS, INDEX_64)
     dx_offsets = _elementwise_offsets(rows, cols, Q, dx_n_stride, dx_q_stride, dx_k_stride, FLAT,
                                       DENSE_ROWS, INDEX_64)
-    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0,
+                 eviction_policy=_l2_policy(L2_REVERSED, "evict_first")).to(ACC_DTYPE)
     if FUSED:
         beta = _load_channel_param(bias_ptr, channels, channel_mask, 0.0, HAS_BIAS, ACC_DTYPE)
         x_offsets = _elementwise_offsets(rows, cols, Q, x_n_stride, x_q_stride, x_k_stride, FLAT,
                                          DENSE_ROWS, INDEX_64)
-        v = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        v = tl.load(x_ptr + x_offsets, mask=mask, other=0.0,
+                    eviction_policy=_l2_policy(L2_REVERSED, "evict_first")).to(ACC_DTYPE)
         r = v
         if HAS_RESIDUAL:
             r_offsets = _elementwise_offsets(rows, cols, Q, r_n_stride, r_q_stride, r_k_stride, FLAT,
                                              DENSE_ROWS, INDEX_64)
-            r = tl.load(r_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+            r = tl.load(r_ptr + r_offsets, mask=mask, other=0.0,
+                        eviction_policy=_l2_policy(L2_REVERSED, "evict_first")).to(ACC_DTYPE)
         fused_xmu, act_grad = _recompute(v, r, _along_channel_axis(mean, CHANNELS_LAST, FLAT),
                                          _along_channel_axis(invstd, CHANNELS_LAST, FLAT),
                                          _along_channel_axis(gamma, CHANNELS_LAST, FLAT),
@@ -227,7 +236,8 @@ def _bn_backward_dx_kernel(
         else:
             x_offsets = _elementwise_offsets(rows, cols, Q, x_n_stride, x_q_stride, x_k_stride, FLAT,
                                              DENSE_ROWS, INDEX_64)
-            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0,
+                        eviction_policy=_l2_policy(L2_REVERSED, "evict_first")).to(ACC_DTYPE)
             xmu = x - _along_channel_axis(mean, CHANNELS_LAST, FLAT)
         dx = _training_dx(dy, xmu, _along_channel_axis(a, CHANNELS_LAST, FLAT),
                           _along_channel_axis(mean_dz, CHANNELS_LAST, FLAT),
@@ -242,13 +252,15 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
                        grad_weight: bool = True, grad_bias: bool = True, splits: Optional[int] = None,
                        param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
                        activation: int = 0, negative_slope: float = 0.01,
-                       residual: Optional[torch.Tensor] = None, from_output: bool = False):
+                       residual: Optional[torch.Tensor] = None, from_output: bool = False,
+                       evict_last: bool = False):
     """Per-channel (sums [2, C] = (sum dz, sum dz (x - mean)), dgamma or None, dbeta or None),
     dz = dy * act'(z) (dz = dy without an activation).
 
     dgamma and dbeta take ``param_dtype``, the dtype of the parameters (fp32 under AMP with
     half input); default: the weight's, else the input's. ``bias`` and ``residual`` enter z;
-    ``from_output``: the view's tensor is y (save="output"), x is reconstructed from it."""
+    ``from_output``: the view's tensor is y (save="output"), x is reconstructed from it.
+    ``evict_last``: the loads keep x, dy (and r) in L2 for the dx pass that follows (tuning.l2_passes)."""
     x = view.tensor
     C = view.C
     dy_view = nqk_view(dy, view.channels_last)
@@ -269,7 +281,7 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
     d_bias = fresh(torch.empty(C, dtype=param_dtype, device=x.device)) if grad_bias else None
     key = (view[1:], dy_view[1:], split.num, tensor_key(x, dy, mean, stat, weight_arg, bias_arg, residual),
            None if r_view is None else r_view[1:], activation, from_output, stat_is_var, param_dtype,
-           grad_weight, grad_bias, eps, negative_slope)
+           grad_weight, grad_bias, eps, negative_slope, evict_last)
     tickets = _tickets(x.device, C)
     tensors = tuple(t for t in (x, dy, residual, mean, stat, weight_arg, bias_arg, partial, tickets, sums, d_weight,
                                 d_bias) if t is not None)
@@ -286,7 +298,7 @@ def bn_backward_reduce(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat
         constexprs = dict(CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), STAT_IS_VAR=stat_is_var,
                           HAS_WEIGHT=weight_arg is not None, HAS_BIAS=bias_arg is not None, ACTIVATION=activation,
                           HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output, FUSED=fused,
-                          HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias,
+                          HAS_GRAD_WEIGHT=grad_weight, HAS_GRAD_BIAS=grad_bias, EVICT_LAST=evict_last,
                           **reduce_addressing(view, dy_view, r_view, split))
         return grid, args, constexprs, ()
     _PARTIAL.run(key, tensors, build)
@@ -304,9 +316,11 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
                    eps: float = 0.0, stat_is_var: bool = False, training: bool = True, *,
                    bias: Optional[torch.Tensor] = None, activation: int = 0, negative_slope: float = 0.01,
                    residual: Optional[torch.Tensor] = None, from_output: bool = False,
-                   grad_residual: bool = False):
+                   grad_residual: bool = False, l2_reversed: bool = False):
     """dx for the view's input; ``sums`` from bn_backward_reduce (ignored in eval mode).
-    With ``grad_residual`` returns (dx, dresidual), dresidual = dz = dy * act'(z) (dx's strides)."""
+    With ``grad_residual`` returns (dx, dresidual), dresidual = dz = dy * act'(z) (dx's strides).
+    ``l2_reversed``: right after the reduction, walk the tiles last first, loading evict_first
+    (tuning.l2_passes); the same bits as the forward walk."""
     x = view.tensor
     C = view.C
     dx = fresh(empty_output(view))
@@ -322,7 +336,7 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     # dr is allocated like dx: its geometry is dx's. The key's geometries determine the flat walk.
     key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var,
            tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr),
-           r_geometry, activation, from_output, inv_count, eps, negative_slope)
+           r_geometry, activation, from_output, inv_count, eps, negative_slope, l2_reversed)
     tensors = tuple(t for t in (x, dy, dx, residual, dr, mean, stat, weight, bias, sums) if t is not None)
 
     def build():
@@ -335,7 +349,7 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
                           CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,
                           ACTIVATION=activation, HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output,
                           WRITE_DRESIDUAL=grad_residual, FUSED=fused, **addressing(view, dy_view, dx_view, r_view),
-                          **flat)
+                          **flat, L2_REVERSED=l2_reversed)
         return elementwise_grid(view, flat["FLAT"]), args, constexprs, ()
     _DX.run(key, tensors, build)
     return (dx, dr) if grad_residual else dx

@@ -77,6 +77,28 @@ def _elementwise_tile(pid, N, Q, K, CHANNELS_LAST: tl.constexpr, FLAT: tl.conste
 
 
 @triton.jit
+def _walk_pid(L2_REVERSED: tl.constexpr):
+    """The tile index of this program of an elementwise second pass. L2_REVERSED: the last tile
+    first. The statistics and backward partial grids (C or channel blocks, P splits) dispatch
+    block-linearly, x fastest: split-major, so the last programs to run read the last split's rows
+    (the last samples channels-first, the last (n, q) rows channels-last) of every channel, the
+    tensor's end in memory for the dense layouts; the elementwise tile (or flat block) index grows
+    with the address. Reversing the index thus mirrors the split order at split granularity (within
+    a split the programs ran as one wave), and what L2 still holds is read first (tuning.l2_passes)."""
+    if L2_REVERSED:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        return tl.program_id(0)
+
+
+@triton.constexpr_function
+def _l2_policy(enabled, policy):
+    """``policy`` ("evict_last" / "evict_first") where ``enabled``, else the default: with the
+    flag off the load, hence the PTX, is the unflagged one."""
+    return policy if enabled else ""
+
+
+@triton.jit
 def _flat_tile(pid, N, Q, K, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr, INDEX_64: tl.constexpr,
                BLOCK: tl.constexpr):
     """Program ``pid``'s block of an elementwise kernel over a dense tensor walked as one flat

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import (_channel_pivot, _combine_block, _count_step, _lane_counts, _last_of_channel, _merge_groups,
-                      _release_ticket, _split_bounds, _tile_offsets, _wide, split_float)
+from .helpers import (_channel_pivot, _combine_block, _count_step, _l2_policy, _lane_counts, _last_of_channel,
+                      _merge_groups, _release_ticket, _split_bounds, _tile_offsets, _wide, split_float)
 from .combine import _combine_channels
 from .launch import Launch, fresh, tensor_key
 from .tickets import tickets as _tickets  # backward.py and onchip.py import it from here
@@ -67,6 +67,7 @@ def _bn_stats_partial_kernel(
     COUNT_STEP: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,  # momentum = 1 / (counter + 1)
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    EVICT_LAST: tl.constexpr,  # x loads evict_last: normalize reads x again from L2 (tuning.l2_passes)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)  # channels-first: the channel; channels-last: a channel block
@@ -91,7 +92,7 @@ def _bn_stats_partial_kernel(
             offsets = _tile_offsets(rows, cols, pid_c, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST,
                                     DENSE_ROWS, INDEX_64)
             valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
-            x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
+            x = tl.load(x_ptr + offsets, mask=valid, other=0.0, eviction_policy=_l2_policy(EVICT_LAST, "evict_last"))
             d = tl.where(valid, x.to(ACC_DTYPE) - pivot_tile, 0.0)
             shifted_sum += d
             shifted_sq += d * d
@@ -169,19 +170,22 @@ def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tenso
     partial = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
     _PARTIAL((key, False, x.data_ptr() & 15), grid,
              (x, partial, *ints, None, None, None, None, None, None, 0.0, 0.0, 0.0),
-             dict(constexprs, COMBINE=False, UPDATE_RUNNING=False, COUNT_STEP=False, CUMULATIVE_AVERAGE=False))
+             dict(constexprs, COMBINE=False, UPDATE_RUNNING=False, COUNT_STEP=False, CUMULATIVE_AVERAGE=False,
+                  EVICT_LAST=False))
     return partial
 
 
 def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = None,
              running_var: Optional[torch.Tensor] = None, momentum: Optional[float] = 0.1,
-             num_batches_tracked: Optional[torch.Tensor] = None, splits: Optional[int] = None):
+             num_batches_tracked: Optional[torch.Tensor] = None, splits: Optional[int] = None,
+             evict_last: bool = False):
     """(save_mean, save_invstd) in one launch: the partial pass, whose last program per
     channel (block) combines; running statistics (contiguous) updated in place, exactly once.
 
     ``num_batches_tracked``: the step counter, incremented by this launch (exactly once);
     ``momentum=None`` replaces momentum by the cumulative-average factor 1 / (its new value),
-    read on the device (no host sync). The first call
+    read on the device (no host sync). ``evict_last``: x's loads keep it in L2 for the normalize
+    that follows (tuning.l2_passes). The first call
     of a shape autotunes on scratch copies of the running statistics, so benchmarking the
     candidates never moves the real ones."""
     x = view.tensor
@@ -198,7 +202,7 @@ def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = N
         raise ValueError("bn_stats: momentum=None (cumulative average) needs the running statistics and "
                          "num_batches_tracked")
     key = (geometry_key, True, update, count, tensor_key(x, running_mean, running_var, num_batches_tracked),
-           momentum, eps)
+           momentum, eps, evict_last)
     tickets = _tickets(x.device, shape[2] + 1)  # one per channel block, one for the step counter
     tensors = tuple(t for t in (x, partial, tickets, mean, invstd, running_mean, running_var, num_batches_tracked)
                     if t is not None)
@@ -208,7 +212,7 @@ def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = N
                 *split_float(0.0 if cumulative else momentum), float(eps))
         return grid, args, _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"],
                                              constexprs["DENSE_ROWS"], constexprs["INDEX_64"], update, count,
-                                             cumulative), \
+                                             cumulative, evict_last), \
             tuple(i for i, t in zip(_MUTATED_ARGS, (running_mean, running_var, num_batches_tracked)) if t is not None)
     _PARTIAL.run(key, tensors, build)
     return mean, invstd
@@ -222,6 +226,6 @@ _MUTATED_ARGS = tuple(_PARTIAL.names.index(name)
 
 @functools.lru_cache(maxsize=64)
 def _fused_constexprs(channels_last, acc, dense_rows: bool, index_64: bool, update: bool, count: bool,
-                      cumulative: bool) -> dict:
+                      cumulative: bool, evict_last: bool) -> dict:
     return dict(CHANNELS_LAST=channels_last, ACC_DTYPE=acc, DENSE_ROWS=dense_rows, INDEX_64=index_64, COMBINE=True,
-                UPDATE_RUNNING=update, COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative)
+                UPDATE_RUNNING=update, COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative, EVICT_LAST=evict_last)

@@ -285,6 +285,43 @@ def stats_splits(N: int, Q: int, K: int, channels_last: bool, device: torch.devi
 
 
 # ---------------------------------------------------------------------------------------------
+# L2-resident second passes (split path). The statistics (backward partial) pass reads x (x, dy)
+# in split-major order, which for the dense layouts is increasing address order (helpers._walk_pid);
+# normalize (dx) then reads the same bytes again. Where the first pass's reads fit in L2 they load
+# with evict_last, so the second pass's output stream does not push them out; the second pass walks
+# its tiles in reverse, so it reads first what the first pass read last (what L2 still holds even
+# when the tensor does not fit), and loads with evict_first: a line it has read is dead, the
+# preferred victim. A prediction until a GPU run checks it (perf/NOTES.md, 2026-12-07).
+
+L2_BYTES_SM90 = 50 * 2 ** 20  # H100 / H200; the interpreter and the report (sm_90) assume it
+# evict_last only where the first pass's reads take at most this share of L2: the rest holds the
+# partials, the second pass's output lines as they stream through, and other kernels' data.
+L2_RESIDENT_FRACTION = 0.75
+# The reversed walk only where L2 holds at least 1/8 of the first pass's reads: beyond, the
+# saving (at most one L2 of a GB-sized pass) is lost in run-to-run noise, and the tuned variant stays.
+L2_USEFUL_MULTIPLE = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_cache_size(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
+def l2_bytes(device: torch.device) -> int:
+    if device.type == "cuda" and not interpreting():
+        return _l2_cache_size(device.index if device.index is not None else torch.cuda.current_device())
+    return L2_BYTES_SM90
+
+
+@functools.lru_cache(maxsize=4096)
+def l2_passes(first_pass_bytes: int, device: torch.device) -> tuple[bool, bool]:
+    """(EVICT_LAST of the first pass, L2_REVERSED of the second) for a split-path pass pair whose
+    first pass reads ``first_pass_bytes``. Never for a second pass without a first (eval)."""
+    l2 = l2_bytes(device)
+    return first_pass_bytes <= L2_RESIDENT_FRACTION * l2, first_pass_bytes <= L2_USEFUL_MULTIPLE * l2
+
+
+# ---------------------------------------------------------------------------------------------
 # The on-chip path (onchip.py): one program holds a channel's whole slab in registers. Not
 # autotuned (an autotuner would rerun the in-place running-statistics update): the tile and
 # num_warps are functions of the shape.

@@ -39,6 +39,7 @@ COLUMNS = [  # (header, row -> text)
     ("STG", lambda r: _bits(r["stg_max"])),
     ("tile LDG", lambda r: _bits(r["tile_ldg_min"]) if r["tile_lines"] else "-"),
     ("tile STG", lambda r: _bits(r["tile_stg_min"]) if r["tile_lines"] else "-"),
+    ("L2 hint", lambda r: r.get("l2_hints") or "-"),
     ("occ", lambda r: f"{r['occupancy']:.2f} ({r['blocks_per_sm']}b, {r['occupancy_limiter']})"),
 ]
 

@@ -122,6 +122,16 @@ def integer_divisions(ptx: str) -> int:
     return sum(1 for text in ptx.splitlines() if _PTX_INT_DIVISION.match(text))
 
 
+_PTX_HINTED_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?ld\.global\.L1::evict_(\w+)\.L2::cache_hint")
+
+
+def l2_hints(ptx: str) -> str:
+    """The eviction hints of the PTX's global loads ("last", "first", "first,last"; "" for
+    none): Triton 3.9 lowers ``eviction_policy`` to ``ld.global.L1::evict_X.L2::cache_hint``
+    with a ``createpolicy.fractional.L2::evict_X`` operand (tuning.l2_passes sets them)."""
+    return ",".join(sorted({m.group(1) for m in map(_PTX_HINTED_LOAD.match, ptx.splitlines()) if m}))
+
+
 # --- SASS ------------------------------------------------------------------------------------
 _SASS_PTX_LINE = re.compile(r'//## File "\.nv_debug_ptx_txt", line (\d+)')
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")

@@ -58,6 +58,7 @@ COLUMNS = [
     ("occ", lambda r: f"{r['occupancy']:.2f}"),
     ("tile LDG", lambda r: _bits(r["tile_ldg_min"]) if r["tile_lines"] else "-"),
     ("tile STG", lambda r: _bits(r["tile_stg_min"]) if r["tile_lines"] else "-"),
+    ("L2 hint", lambda r: r.get("l2_hints") or "-"),
     ("instr/elem", _ipe),
     ("budget", lambda r: "-" if r.get("budget") is None else f"{r['budget']:.1f}"),
     ("region", _region),

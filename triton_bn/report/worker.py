@@ -21,8 +21,8 @@ from triton.compiler import ASTSource
 
 from .launches import CompileJob
 from .sass_loops import main_loop
-from .machine_code import (disassemble, integer_divisions, occupancy, ptx_accesses, resource_usage, sass_accesses,
-                           summarize_accesses, tile_access_lines)
+from .machine_code import (disassemble, integer_divisions, l2_hints, occupancy, ptx_accesses, resource_usage,
+                           sass_accesses, summarize_accesses, tile_access_lines)
 
 
 def _decode_constexpr(value):
@@ -70,6 +70,7 @@ def compile_job(job: CompileJob, tmpdir: str, sass: bool = True) -> dict:
         **summarize_accesses(accesses, tile_file, tile_lines), widths_from="sass" if sass else "ptx",
         tile_lines=len(tile_lines), occupancy=occ, blocks_per_sm=blocks, occupancy_limiter=limiter,
         toolchain=toolchain(job.arch), int_divisions=integer_divisions(compiled.asm["ptx"]),
+        l2_hints=l2_hints(compiled.asm["ptx"]),
         **(main_loop(sass_text, compiled.asm["ptx"], tile_file, tile_lines, dict(job.config), job.num_warps)
            if sass else {}),
     )
