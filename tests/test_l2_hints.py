@@ -75,6 +75,22 @@ def test_the_launchers_pass_the_flags_after_a_first_pass(passed):
     assert passed == {"bn_backward_reduce": False}, "no dx pass follows: nothing to keep in L2"
 
 
+@use_onchip(False)
+def test_the_switch_turns_every_flag_off_and_replays_follow_it(passed):
+    """TRITON_BN_L2_HINTS=0 / use_l2_hints(False): no hint and no reversed walk, also for a call
+    replayed from a recording made with the switch on (the switch is in the replay key)."""
+    x = random_input((4, 3, 6, 6), torch.float32, CPU, seed=1)
+    vec = lambda v: torch.full((3,), v)  # noqa: E731
+    kernels.bn_forward_train(x, vec(1.0), vec(0.0), vec(0.0), vec(1.0), 0.1, 1e-5)  # recorded, switch on
+    kernels.bn_forward_train(x, vec(1.0), vec(0.0), vec(0.0), vec(1.0), 0.1, 1e-5)  # replayed
+    passed.clear()
+    with kernels.use_l2_hints(False):
+        assert l2_passes(1024, CPU) == (False, False)
+        kernels.bn_forward_train(x, vec(1.0), vec(0.0), vec(0.0), vec(1.0), 0.1, 1e-5)
+        assert passed == {"bn_stats": False, "bn_normalize": False}
+    assert kernels.l2_hints_enabled() and l2_passes(1024, CPU) == (True, True)
+
+
 @pytest.fixture
 def x_loads(monkeypatch):
     """Per interpreted load, the addresses it reads (masked lanes dropped)."""

@@ -34,14 +34,14 @@ from .replay import replayable
 from .onchip import bn_onchip_backward, bn_onchip_forward, onchip_tile_for
 from .combine import bn_stats_combine, bn_stats_combine_groups
 from .stats import bn_stats, bn_stats_partial
-from .tuning import l2_passes, onchip_enabled, use_onchip
+from .tuning import l2_hints_enabled, l2_passes, onchip_enabled, use_l2_hints, use_onchip
 from .view import NQKView, _geometry, mergeable, nqk_view, output_for
 
 __all__ = [
     "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view", "check_writable",
     "bn_stats", "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
     "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view", "output_for",
-    "ACTIVATIONS", "activation_code", "invertible", "onchip_enabled", "use_onchip",
+    "ACTIVATIONS", "activation_code", "invertible", "onchip_enabled", "use_onchip", "l2_hints_enabled", "use_l2_hints",
 ]
 
 

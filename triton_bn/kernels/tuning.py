@@ -313,10 +313,15 @@ def l2_bytes(device: torch.device) -> int:
     return L2_BYTES_SM90
 
 
-@functools.lru_cache(maxsize=4096)
 def l2_passes(first_pass_bytes: int, device: torch.device) -> tuple[bool, bool]:
     """(EVICT_LAST of the first pass, L2_REVERSED of the second) for a split-path pass pair whose
-    first pass reads ``first_pass_bytes``. Never for a second pass without a first (eval)."""
+    first pass reads ``first_pass_bytes``. Never for a second pass without a first (eval), nor
+    with the switch off (l2_hints_enabled)."""
+    return _l2_passes(first_pass_bytes, device) if l2_hints_enabled.on else (False, False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _l2_passes(first_pass_bytes: int, device: torch.device) -> tuple[bool, bool]:
     l2 = l2_bytes(device)
     return first_pass_bytes <= L2_RESIDENT_FRACTION * l2, first_pass_bytes <= L2_USEFUL_MULTIPLE * l2
 
@@ -343,24 +348,33 @@ ONCHIP_VALUES_PER_THREAD = 16
 # 2048, fp32/fp16/bf16, plain and fused, sm_90 and sm_80) and channels-first tile (BLOCK_R 2
 # to 4096) with python -m triton_bn.report's machinery: the only spill.
 ONCHIP_SPILLING_TILES = {(64, 128, 2)}
-# Read once, like TRITON_INTERPRET: the dispatch must cost no environment lookup per call.
-_ONCHIP = os.environ.get("TRITON_BN_ONCHIP", "1") != "0"
+class _Switch:
+    """A launcher-wide on/off setting: its environment variable ("0" turns it off) read once, like
+    TRITON_INTERPRET (the dispatch must cost no environment lookup per call); ``use(enabled)``
+    sets it inside a block (tests, tools, A/B runs). replay.py keys its replays on every switch."""
+
+    def __init__(self, variable: str):
+        self.on = os.environ.get(variable, "1") != "0"
+
+    def __call__(self) -> bool:
+        return self.on
+
+    @contextlib.contextmanager
+    def use(self, enabled: bool):
+        saved, self.on = self.on, bool(enabled)
+        try:
+            yield
+        finally:
+            self.on = saved
 
 
-def onchip_enabled() -> bool:
-    """Whether forward-train and backward may take the on-chip path (TRITON_BN_ONCHIP=0: never)."""
-    return _ONCHIP
-
-
-@contextlib.contextmanager
-def use_onchip(enabled: bool):
-    """Enable or disable the on-chip path inside the block (tests, tools that tune the split path)."""
-    global _ONCHIP
-    saved, _ONCHIP = _ONCHIP, bool(enabled)
-    try:
-        yield
-    finally:
-        _ONCHIP = saved
+#: Whether forward-train and backward may take the on-chip path (TRITON_BN_ONCHIP=0: never).
+onchip_enabled = _Switch("TRITON_BN_ONCHIP")
+use_onchip = onchip_enabled.use
+#: Whether l2_passes may set its hints (TRITON_BN_L2_HINTS=0: never): unmeasured until a GPU run
+#: compares the two (perf/NOTES.md, 2026-12-07).
+l2_hints_enabled = _Switch("TRITON_BN_L2_HINTS")
+use_l2_hints = l2_hints_enabled.use
 
 
 @functools.lru_cache(maxsize=4096)
