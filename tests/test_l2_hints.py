@@ -10,10 +10,7 @@ normalize, none of it with the flags off. Whether it saves time is for a GPU (pe
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -28,7 +25,7 @@ from triton_bn.kernels.activation import LEAKY_RELU
 from triton_bn.kernels.launch import clear_plans
 from triton_bn.kernels.tuning import L2_BYTES_SM90, L2_RESIDENT_FRACTION, L2_USEFUL_MULTIPLE, l2_passes
 from triton_bn.report import compile_jobs, tools_missing
-from triton_bn.report.runner import _worker_env
+from tests.machine_code import compile_asm
 
 CPU = torch.device("cpu")
 
@@ -158,26 +155,6 @@ def test_the_reversed_walk_gives_the_forward_walks_bits(dtype, layout, fused):
 
 
 MISSING = tools_missing()
-# PTX of CompileJobs (JSON in argv[1]) -> argv[2], compiled for their GPU target without TRITON_INTERPRET.
-_DUMP_PTX = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton_bn.report.launches import CompileJob
-from triton_bn.report.worker import _decode_constexpr, _jit_function
-out = []
-for job in map(CompileJob.from_json, json.load(open(sys.argv[1]))):
-    jit = _jit_function(job.kernel)
-    index = {name: (i,) for i, name in enumerate(jit.arg_names)}
-    constexprs = {index[k]: _decode_constexpr(v) for k, v in (*job.constexprs, *job.config)}
-    attrs = {index[p]: [["tt.divisibility", 16]] for p in job.divisible}
-    compiled = triton.compile(ASTSource(jit, dict(job.signature), constexprs, attrs),
-                              target=GPUTarget("cuda", job.arch, 32),
-                              options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
-    out.append(compiled.asm["ptx"])
-json.dump(out, open(sys.argv[2], "w"))
-"""
 # Triton 3.9 lowers eviction_policy to an L2 policy register and L1 + L2 qualifiers on the load:
 #   createpolicy.fractional.L2::evict_last.b64 %rd2, 1.0;
 #   @%p1 ld.global.L1::evict_last.L2::cache_hint.v4.b32 { ... }, [ %rd1 + 0 ], %rd2;
@@ -220,13 +197,7 @@ def test_the_ptx_carries_the_hints_only_under_the_flags(tmp_path):
         constexprs = dict(job.constexprs)
         assert constexprs[_FLAGS[name]] is True, (name, "the launcher sets the flag on a tensor that fits")
         pairs += [job, dataclasses.replace(job, constexprs=tuple({**constexprs, _FLAGS[name]: False}.items()))]
-    with open(tmp_path / "jobs.json", "w") as f:
-        json.dump([j.to_json() for j in pairs], f)
-    out = subprocess.run([sys.executable, "-c", _DUMP_PTX, str(tmp_path / "jobs.json"), str(tmp_path / "ptx.json")],
-                         env=_worker_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    with open(tmp_path / "ptx.json") as f:
-        ptx = json.load(f)
+    ptx = [code["ptx"] for code in compile_asm(pairs, tmp_path)]
     for i in range(0, len(pairs), 2):
         job, on, off = pairs[i], ptx[i], ptx[i + 1]
         where = f"{job.name} {job.layout}"

@@ -10,15 +10,12 @@ Jobs come from the report's recorded launches (triton_bn/report), compiled in a 
 without TRITON_INTERPRET as the report's worker does, keeping the TTIR and PTX text.
 """
 import dataclasses
-import json
 import re
-import subprocess
-import sys
 
 import pytest
 
 from triton_bn.report import CompileJob, compile_jobs, tools_missing
-from triton_bn.report.runner import _worker_env
+from tests.machine_code import compile_asm
 
 MISSING = tools_missing()
 
@@ -28,28 +25,6 @@ _BARRIER = {"ttir": re.compile(r"\b(gpu|ttg)\.barrier\b"),
             "ptx": re.compile(r"^\s*(@!?%p\d+\s+)?(bar|barrier)(\.cta)?\.sync\b")}
 _MEMORY = {"ttir": re.compile(r"\btt\.(load|store|atomic_rmw|atomic_cas)\b"),
            "ptx": re.compile(r"^\s*(@!?%p\d+\s+)?((ld|st)\.global|atom\.|red\.)")}
-# TTIR and PTX of CompileJobs (JSON in argv[1]) -> argv[2]; run without TRITON_INTERPRET.
-_DUMP_ASM = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton_bn.report.launches import CompileJob
-from triton_bn.report.worker import _decode_constexpr, _jit_function
-out = []
-for job in map(CompileJob.from_json, json.load(open(sys.argv[1]))):
-    jit = _jit_function(job.kernel)
-    index = {name: (i,) for i, name in enumerate(jit.arg_names)}
-    constexprs = {index[k]: _decode_constexpr(v) for k, v in (*job.constexprs, *job.config)}
-    attrs = {index[p]: [["tt.divisibility", 16]] for p in job.divisible}
-    compiled = triton.compile(ASTSource(jit, dict(job.signature), constexprs, attrs),
-                              target=GPUTarget("cuda", job.arch, 32),
-                              options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
-    out.append({"ttir": compiled.asm["ttir"], "ptx": compiled.asm["ptx"]})
-json.dump(out, open(sys.argv[2], "w"))
-"""
-
-
 def unfenced_tickets(code: str, kind: str) -> list:
     """The ticket atomics in ``code`` (``kind`` "ttir" or "ptx") whose nearest preceding
     barrier-or-memory-access is a memory access."""
@@ -87,13 +62,7 @@ def test_every_ticket_follows_a_barrier(tmp_path):
             first.setdefault((job.name, job.layout), job)
     jobs = list(first.values()) + [_counting(j) for j in first.values() if j.name != "backward_partial"]
     assert len(jobs) == 10
-    with open(tmp_path / "jobs.json", "w") as f:
-        json.dump([j.to_json() for j in jobs], f)
-    out = subprocess.run([sys.executable, "-c", _DUMP_ASM, str(tmp_path / "jobs.json"), str(tmp_path / "asm.json")],
-                         env=_worker_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    with open(tmp_path / "asm.json") as f:
-        codes = json.load(f)
+    codes = compile_asm(jobs, tmp_path)
     for job, code in zip(jobs, codes):
         where = f"{job.name}/{job.variant} {job.layout}"
         tickets = len([line for line in code["ptx"].splitlines() if _TICKET["ptx"].search(line)])
