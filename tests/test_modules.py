@@ -215,3 +215,17 @@ def test_torch_jit_trace_records_torchs_ops(training, device):
     reference(x)  # the same step as the trace's
     assert_close(traced(x2), reference(x2), torch.float32, "traced output")
     assert_close(layer.running_mean, reference.running_mean, torch.float32, "running_mean")
+
+
+def test_torch_jit_trace_of_the_functional_call_records_torchs_ops(device):
+    """The same for triton_bn.batch_norm called directly, fused and after an eager call of the
+    same signature (whose checked call the eager path would otherwise launch)."""
+    x, x2, r = (random_input((2, 3, 4, 4), torch.float32, device, seed=s) for s in (1, 2, 3))
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+
+    def f(x, r):
+        return triton_bn.batch_norm(x, rm, rv, training=False, activation="relu", residual=r)
+    f(x, r)  # eager: its signature is now prepared
+    traced = torch.jit.trace(f, (x, r), check_trace=False)
+    assert "batch_norm" in str(traced.graph)
+    assert_close(traced(x2, r), f(x2, r), torch.float32, "traced output")

@@ -90,7 +90,7 @@ def test_onnx_dynamo_export_matches_the_eager_model():
 
 def test_onnx_legacy_export_matches_the_eager_model():
     """dynamo=False traces with torch.jit, which records torch's ops only: the layers compute
-    with them while it traces (decompose.jit_batch_norm)."""
+    with them while it traces (eager.computes)."""
     optional("onnx")
     model, x = _model_and_input()
     converted = triton_bn.convert_model(copy.deepcopy(model)).eval()

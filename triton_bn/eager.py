@@ -46,8 +46,11 @@ def uses_kernels(x: torch.Tensor) -> bool:
 
 def computes(input: torch.Tensor) -> bool:
     """Whether the kernels compute a batch norm of ``input``: at least 2-D, not empty (torch's
-    own semantics serve those), on a device with kernels."""
-    return input.dim() >= 2 and input.numel() > 0 and uses_kernels(input)
+    own semantics serve those), on a device with kernels, and not while ``torch.jit`` traces:
+    its tracer (the legacy ONNX exporter's) records torch's own ops only and cannot see into a
+    Triton launch, so there the call computes with torch's ops (functional.py's fallback).
+    ``torch.jit.is_tracing``, not the C++ flag it reads: torch.compile folds it to False."""
+    return input.dim() >= 2 and input.numel() > 0 and uses_kernels(input) and not torch.jit.is_tracing()
 
 
 def _vector(t: Optional[torch.Tensor]):
@@ -59,7 +62,7 @@ def prepared(input, running_mean, running_var, weight, bias, training, momentum,
     """The checked call of this signature (checking it, and raising torch's error, the first
     time), or None when the general path must serve it. The caller passes save="input",
     inplace=False, and a float ``negative_slope`` and str-or-None ``activation`` (hashable)."""
-    if traced(input) or functorch_active():
+    if traced(input) or functorch_active() or torch.jit.is_tracing():  # (computes: torch.jit)
         return None
     key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() & 15, training, momentum, eps,
            cumulative_average, _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias),

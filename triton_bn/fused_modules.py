@@ -23,7 +23,6 @@ import torch.fx
 from torch import nn
 from torch.fx import Proxy
 
-from .decompose import jit_batch_norm, jit_tracing
 from .functional import _batch_norm
 from .kernels.activation import NAMES, activation_code, invertible
 from .modules import _check_rank, _TritonBatchNorm, with_class
@@ -200,10 +199,9 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         input = _check_rank(input, (4,))
-        compute = jit_batch_norm if jit_tracing() else _batch_norm  # torch.jit records torch's ops only
-        return _dropped(self, compute(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                                      self.eps, activation=self.act_layer, negative_slope=self.negative_slope,
-                                      residual=residual))
+        return _dropped(self, _batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                          0.0, self.eps, activation=self.act_layer,
+                                          negative_slope=self.negative_slope, residual=residual))
 
     def extra_repr(self) -> str:
         act = "" if self.act_layer is None else f", act_layer={self.act_layer!r}"

@@ -17,8 +17,8 @@ own BatchNorm cannot be) is traced through, into ``functional._batch_norm``: the
 traced-through code, the train/eval flag and momentum are captured at trace time.
 
 ``torch.jit.trace`` (and the legacy ONNX exporter built on it) records torch's ops only: while
-it traces, the forward computes with them (decompose.jit_batch_norm), so a converted model
-exports as torch's would.
+it traces, batch_norm computes with them (eager.computes), so a converted model exports as
+torch's would.
 """
 # No `from __future__ import annotations`: symbolic_trace copies forward's annotations into
 # the graph, and a string one makes a traced root layer's GraphModule unpicklable.
@@ -27,7 +27,6 @@ import torch.fx
 from torch import nn
 from torch.fx import Proxy
 
-from .decompose import jit_batch_norm, jit_tracing
 from .functional import _batch_norm
 
 
@@ -86,8 +85,7 @@ class _TritonBatchNorm:
         # Batch statistics in training, and in eval when no running statistics exist.
         bn_training = training or (running_mean is None and running_var is None)
         use_buffers = not training or self.track_running_stats
-        compute = jit_batch_norm if jit_tracing() else _batch_norm  # torch.jit records torch's ops only
-        return compute(input, running_mean if use_buffers else None, running_var if use_buffers else None,
+        return _batch_norm(input, running_mean if use_buffers else None, running_var if use_buffers else None,
                            weight, bias, bn_training, momentum, self.eps, counter if counting else None,
                            self.momentum is None, **fused)
 
