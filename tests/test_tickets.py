@@ -11,7 +11,7 @@ import torch
 from tests.program_order import program_order
 from tests.reference import random_input
 from triton_bn.kernels import bn_backward, bn_forward_train, tickets
-from triton_bn.kernels.stats import _tickets
+from triton_bn.kernels.tickets import tickets as _tickets
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's buffers (CPU)")
 CPU = torch.device("cpu")

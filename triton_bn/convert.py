@@ -41,6 +41,14 @@ class ConvertSummary:
         return summary_text("convert_model", "converted", self.converted, self.left)
 
 
+def reported(result, summary, verbose: bool, return_summary: bool):
+    """What the converters (convert_model, revert_model, fuse_model) return: ``result``, or
+    ``(result, summary)`` with ``return_summary``; ``verbose`` prints the summary first."""
+    if verbose:
+        print(summary)
+    return (result, summary) if return_summary else result
+
+
 def summary_text(tool: str, verb: str, done: list, left: list) -> str:
     """The converters' summaries (convert_model, revert_model): a count line, then a line per
     layer changed ((name, from, to)) and per layer left ((name, class, reason))."""
@@ -96,10 +104,7 @@ def convert_model(module: nn.Module, *, verbose: bool = False, return_summary: b
     ``verbose`` prints the summary.
     """
     summary = ConvertSummary()
-    root = _convert(module, "", summary)
-    if verbose:
-        print(summary)
-    return (root, summary) if return_summary else root
+    return reported(_convert(module, "", summary), summary, verbose, return_summary)
 
 
 def _convert(module: nn.Module, name: str, summary: ConvertSummary) -> nn.Module:

@@ -41,7 +41,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import convert_model, triton_form
+from .convert import convert_model, reported, triton_form
 from .distributed import SyncBatchNorm, SyncBatchNormAct
 from .fused_modules import BatchNormAct2d, activation_of, fused_from
 from .fx_trace import BatchNormInRoot, trace
@@ -111,9 +111,7 @@ def fuse_model(model: nn.Module, *, save: str = "input", inplace: bool = False, 
         result, summary = _fuse_graph(traced, save, inplace)
         summary.notes += [f"{name}: kept whole, not fused: its code calls a batch norm function, and tracing "
                           f"through it would freeze its train/eval mode" for name in kept]
-    if verbose:
-        print(summary)
-    return (result, summary) if return_summary else result
+    return reported(result, summary, verbose, return_summary)
 
 
 def _activation_of_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[Tuple[str, float]]:

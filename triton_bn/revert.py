@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import summary_text
+from .convert import reported, summary_text
 from .distributed import SyncBatchNorm, SyncBatchNormAct
 from .fused_modules import FUSED_CLASSES, FrozenBatchNorm2d, _BatchNormAct
 from .modules import _REPLACEMENTS, with_class
@@ -172,10 +172,7 @@ def revert_model(module: nn.Module, *, verbose: bool = False, return_summary: bo
     ``module`` in place and returns it (a new object where ``module`` itself is a layer); with
     ``return_summary`` as ``(module, RevertSummary)``; ``verbose`` prints the summary."""
     summary = RevertSummary()
-    root = _revert(module, "", summary)
-    if verbose:
-        print(summary)
-    return (root, summary) if return_summary else root
+    return reported(_revert(module, "", summary), summary, verbose, return_summary)
 
 
 def _revert(module: nn.Module, name: str, summary: RevertSummary) -> nn.Module:

@@ -37,7 +37,8 @@ from .helpers import (_combine_block, _along_channel_axis, _dx_coefficients, _el
                       _split_bounds, _tile_offsets, _training_dx, _wide, _wide_scalar, split_float)
 from .normalize import elementwise_grid
 from .launch import Launch, fresh, tensor_key
-from .stats import _tickets, acc_dtype, tl_dtype
+from .stats import acc_dtype, tl_dtype
+from .tickets import tickets as _tickets
 from .tuning import autotune_tiles, cdiv, flat_walk, stats_splits
 from .view import NQKView, addressing, empty_output, nqk_view, output_geometry, split_addressing
 

@@ -35,7 +35,8 @@ from .combine import _finish_channels
 from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _dx_coefficients, _load_channel_param,
                       _load_channel_stats, _tile_offsets, _training_dx, _wide_scalar, split_float)
 from .launch import Launch, fresh, tensor_key
-from .stats import _tickets, acc_dtype, tl_dtype
+from .stats import acc_dtype, tl_dtype
+from .tickets import tickets as _tickets
 from .tuning import cdiv, onchip_tile
 from .view import NQKView, _addressing, addressing, empty_output, mergeable, nqk_view, output_geometry
 

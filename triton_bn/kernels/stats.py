@@ -44,7 +44,7 @@ from .helpers import (_channel_pivot, _combine_block, _count_step, _l2_policy, _
                       _merge_groups, _release_ticket, _split_bounds, _tile_offsets, _wide, split_float)
 from .combine import _combine_channels
 from .launch import Launch, fresh, tensor_key
-from .tickets import tickets as _tickets  # backward.py and onchip.py import it from here
+from .tickets import tickets as _tickets
 from .tuning import autotune_tiles, cdiv, stats_splits
 from .view import NQKView, _addressing, split_addressing
 
