@@ -72,16 +72,16 @@ def test_the_launchers_take_the_split_into_account():
     split = stats_splits(x.N, x.Q, x.K, x.channels_last, CPU, 65535)
     assert split.extents(1, 4)[0] > LIMIT
     stats_kernels._partial_spec.cache_clear()
-    assert stats_kernels._partial_spec(x[1:], torch.float16, CPU, 65535)[3]["INDEX_64"]
+    assert stats_kernels._partial_spec(x[1:], torch.float16, CPU, 65535)[4]["INDEX_64"]
     assert backward_kernels.reduce_addressing(x, x, None, split)["INDEX_64"]
     assert not backward_kernels.reduce_addressing(x, x, None, stats_splits(x.N, x.Q, x.K, True, CPU, 4))["INDEX_64"]
 
 
 def test_the_combine_switches_on_its_field_offsets():
-    assert not _combine_spec(64, False, False, False, 2**20)[1]["INDEX_64"]
+    assert not _combine_spec(64, False, False, False, False, 2**20)[1]["INDEX_64"]
     fits = (LIMIT - 64) // 3  # [G, 4, C] groups read up to 3 * field_stride + C
-    assert not _combine_spec(64, False, False, False, fits)[1]["INDEX_64"]
-    assert _combine_spec(64, False, False, False, fits + 1)[1]["INDEX_64"]
+    assert not _combine_spec(64, False, False, False, False, fits)[1]["INDEX_64"]
+    assert _combine_spec(64, False, False, False, False, fits + 1)[1]["INDEX_64"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,19 +161,39 @@ def _common(**extra):
                 BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, **extra)
 
 
-def test_statistics_partials_of_2_31_rows():
+def _mask(seed, masked):
+    """(mask buffer, its [N, Q, K] strides, constexpr): the first ROWS (n, q) positions of a mask
+    over the 2^31 rows, stride 0 along the channels (view.mask_view), first position uncounted;
+    backed by one step of the pivot's scan (helpers._first_counted reads 1024 positions)."""
+    if not masked:
+        return None, dict(mask_n_stride=0, mask_q_stride=0, mask_k_stride=0), {}
+    counted = torch.rand(1024, generator=torch.Generator().manual_seed(seed)) > 0.3  # a step of the pivot's scan
+    counted[0] = False
+    return counted[:ROWS], dict(mask_n_stride=Q, mask_q_stride=1, mask_k_stride=0), dict(MASKED=True)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_statistics_partials_of_2_31_rows(masked):
     x = _data(1)
+    counted, mask_strides, flag = _mask(9, masked)
     splits = ROWS // BLOCK_R
     partial = torch.full((4, splits, K), float("nan"))
     stats_kernels._bn_stats_partial_kernel.fn[(1, splits)](
         x, partial, C=K, rows_per_split=BLOCK_R, cols_per_split=K, splits_k=1, partial_field_stride=splits * K,
-        tickets_ptr=None, mean_ptr=None, invstd_ptr=None, running_mean_ptr=None, running_var_ptr=None,
-        num_batches_tracked_ptr=None, momentum_hi=0.0, momentum_lo=0.0, eps=0.0, COMBINE=False, UPDATE_RUNNING=False,
-        COUNT_STEP=False, CUMULATIVE_AVERAGE=False, EVICT_LAST=True, **_strides("x"), **_common())
-    shifted = (x.double() - x[0].double()).view(splits, BLOCK_R, K)
-    assert torch.equal(partial[2], torch.full((splits, K), float(BLOCK_R))), "every split holds its rows"
-    torch.testing.assert_close(partial[0].double(), shifted.mean(1), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(partial[1].double(), ((shifted - shifted.mean(1, keepdim=True)) ** 2).sum(1),
+        mask_ptr=counted, **mask_strides, tickets_ptr=None, mean_ptr=None, invstd_ptr=None, count_ptr=None,
+        running_mean_ptr=None, running_var_ptr=None, num_batches_tracked_ptr=None, momentum_hi=0.0, momentum_lo=0.0,
+        eps=0.0, COMBINE=False, UPDATE_RUNNING=False, COUNT_STEP=False, CUMULATIVE_AVERAGE=False, EVICT_LAST=True,
+        **_strides("x"), **_common(**{"MASKED": False, **flag}))
+    weights = torch.ones(ROWS, 1, dtype=torch.float64) if counted is None else counted.double()[:, None]
+    pivot = x[0] if counted is None else x[int(counted.nonzero()[0])]  # the first counted position's
+    assert torch.equal(partial[3], pivot.float().expand(splits, K))
+    shifted = (x.double() - pivot.double()).view(splits, BLOCK_R, K)
+    weights = weights.expand(ROWS, K).reshape(splits, BLOCK_R, K)
+    count = weights.sum(1)
+    assert torch.equal(partial[2].double(), count), "every split counts its rows"
+    mean = (shifted * weights).sum(1) / count
+    torch.testing.assert_close(partial[0].double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(partial[1].double(), ((shifted - mean[:, None]) ** 2 * weights).sum(1),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -193,9 +213,12 @@ def test_normalize_of_2_31_rows():
     torch.testing.assert_close(y.double(), expected, rtol=2e-3, atol=2e-3)
 
 
-def test_backward_of_2_31_rows():
-    """The reduction's sums over the grid's rows (its last program combines them), then dx."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_backward_of_2_31_rows(masked):
+    """The reduction's sums over the grid's rows (its last program combines them), then dx (a
+    masked forward's: 1 / M_c from its counts, the projection only where the mask counts)."""
     x, dy, (mean, invstd), (weight, _) = _data(5), _data(6), _per_channel(7), _per_channel(8)
+    counted, mask_strides, flag = _mask(10, masked)
     splits = ROWS // BLOCK_R
     partial = torch.full((2, splits, K), float("nan"))
     sums = torch.full((2, K), float("nan"))
@@ -209,13 +232,16 @@ def test_backward_of_2_31_rows():
     xmu, dy64 = x.double() - mean.double(), dy.double()
     torch.testing.assert_close(sums.double(), torch.stack([dy64.sum(0), (dy64 * xmu).sum(0)]), rtol=1e-5, atol=1e-4)
     dx = torch.full((ROWS, K), float("nan"), dtype=torch.float16)
-    inv_count = 1.0 / ROWS
+    inv_count = 1.0 / ROWS if counted is None else 1.0 / int(counted.sum())
     backward_kernels._bn_backward_dx_kernel.fn[(ROWS // BLOCK_R,)](
         x, dy, dx, None, None, mean, invstd, weight, None, sums, C=K, **_strides("x"), **_strides("dy"),
-        **_strides("dx"), **_strides("r"), inv_count_hi=inv_count, inv_count_lo=0.0, eps=0.0, slope_hi=0.0,
-        slope_lo=0.0, TRAINING=True, STAT_IS_VAR=False, HAS_WEIGHT=True, HAS_BIAS=False, ACTIVATION=0,
-        HAS_RESIDUAL=False, FROM_OUTPUT=False, WRITE_DRESIDUAL=False, FUSED=False, FLAT=False, FLAT_INNER=1,
-        FLAT_C=1, L2_REVERSED=True, **_common())
+        **_strides("dx"), **_strides("r"), count_ptr=None if counted is None else torch.full((K,), 1.0 / inv_count),
+        mask_ptr=counted, **mask_strides, inv_count_hi=inv_count if counted is None else float("nan"),
+        inv_count_lo=0.0, eps=0.0, slope_hi=0.0, slope_lo=0.0, TRAINING=True, STAT_IS_VAR=False, HAS_WEIGHT=True,
+        HAS_BIAS=False, ACTIVATION=0, HAS_RESIDUAL=False, FROM_OUTPUT=False, WRITE_DRESIDUAL=False, FUSED=False,
+        FLAT=False, FLAT_INNER=1, FLAT_C=1, L2_REVERSED=True, **_common(**{"MASKED": False, **flag}))
     a, s = invstd.double() * weight.double(), sums.double()
     expected = (dy64 - s[0] * inv_count - xmu * invstd.double() ** 2 * s[1] * inv_count) * a
+    if counted is not None:
+        expected = torch.where(counted[:, None], expected, dy64 * a)
     torch.testing.assert_close(dx.double(), expected, rtol=2e-3, atol=2e-3)

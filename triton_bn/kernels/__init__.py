@@ -35,7 +35,7 @@ from .onchip import bn_onchip_backward, bn_onchip_forward, onchip_tile_for
 from .combine import bn_stats_combine, bn_stats_combine_groups
 from .stats import bn_stats, bn_stats_partial
 from .tuning import l2_hints_enabled, l2_passes, onchip_enabled, use_l2_hints, use_onchip
-from .view import NQKView, _geometry, mergeable, nqk_view, output_for
+from .view import NQKView, _geometry, mask_view, mergeable, nqk_view, output_for
 
 __all__ = [
     "bn_forward_train", "bn_forward_eval", "bn_backward", "input_view", "check_writable",
@@ -73,32 +73,37 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
                      momentum: Optional[float] = 0.1, eps: float = 1e-5,
                      num_batches_tracked: Optional[torch.Tensor] = None,
                      splits: Optional[int] = None, *, activation: int = 0, negative_slope: float = 0.01,
-                     residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+                     residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                     mask: Optional[torch.Tensor] = None):
     """(y, save_mean, save_invstd) from batch statistics; running stats updated in place (any
     strides: a non-contiguous buffer is updated through a contiguous copy, written back).
+    ``mask``: bool (N, *spatial), True where a position counts: the statistics (and the running
+    update, unbiased by M_c / (M_c - 1)) are over those positions only, y is computed everywhere,
+    and the result gains a 4th entry, the [C] counts M_c that bn_backward takes back.
     ``num_batches_tracked`` (the step counter) is incremented by the statistics launch;
     ``momentum=None``: the cumulative average, factor 1 / its new value (as torch's modules).
     y = act(BN(x) + residual) with the fused epilogue; ``out=x`` writes y over x (in-place)."""
     if out is not None:
         check_writable(out)  # before the statistics launch moves the running statistics
     view = input_view(x)
+    m = None if mask is None else mask_view(view, mask)
     rm, rv = _contiguous(running_mean), _contiguous(running_var)
     tile = onchip_tile_for(view) if splits is None and onchip_enabled() else None
     if tile is not None:  # the slab fits on chip: one launch, x read once
-        y, mean, invstd = bn_onchip_forward(view, tile, weight, bias, rm, rv, momentum, eps, num_batches_tracked,
-                                            activation=activation, negative_slope=negative_slope,
-                                            residual=residual, out=out)
+        y, *stats = bn_onchip_forward(view, tile, weight, bias, rm, rv, momentum, eps, num_batches_tracked,
+                                      activation=activation, negative_slope=negative_slope, residual=residual,
+                                      out=out, mask=m)
         l2_reversed = False
     else:  # the split path: normalize re-reads x after the statistics pass (tuning.l2_passes)
         evict_last, l2_reversed = l2_passes(view.N * view.Q * view.K * x.element_size(), x.device)
-        mean, invstd = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits, evict_last)
+        stats = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits, evict_last, m)
     for buffer, updated in ((running_mean, rm), (running_var, rv)):
         if updated is not buffer:
             buffer.copy_(updated)
     if tile is None:
-        y = bn_normalize(view, mean, invstd, weight, bias, out=out, activation=activation,
+        y = bn_normalize(view, stats[0], stats[1], weight, bias, out=out, activation=activation,
                          negative_slope=negative_slope, residual=residual, l2_reversed=l2_reversed)
-    return y, mean, invstd
+    return (y, *stats)
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -123,9 +128,10 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
                 needs_input_grad=(True, True, True), splits: Optional[int] = None,
                 param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
                 activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
-                from_output: bool = False):
+                from_output: bool = False, mask: Optional[torch.Tensor] = None, count: Optional[torch.Tensor] = None):
     """(dx, dweight, dbias), each None where not needed; (dx, dweight, dbias, dresidual) when
-    ``needs_input_grad`` has a 4th entry (the residual's).
+    ``needs_input_grad`` has a 4th entry (the residual's). ``mask`` and ``count``: a masked
+    training forward's mask and the counts it returned (dx of the masked statistics).
 
     ``mean``/``stat`` are save_mean/save_invstd (training) or running_mean/running_var (eval).
     ``param_dtype``: the dtype of weight and bias, hence of their gradients (needed when there
@@ -141,10 +147,11 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     fused = dict(bias=bias, activation=activation, negative_slope=negative_slope, residual=residual,
                  from_output=from_output)
     need_dw = need_dw and weight is not None
+    m = None if mask is None or not training else mask_view(view, mask)
     tile = onchip_tile_for(view) if splits is None and onchip_enabled() else None
     if tile is not None:  # the slab fits on chip: one launch, x and dy read once
         grads = bn_onchip_backward(view, tile, dy, mean, stat, weight, eps, training,
-                                   (need_dx, need_dw, need_db, need_dr), param_dtype, **fused)
+                                   (need_dx, need_dw, need_db, need_dr), param_dtype, mask=m, count=count, **fused)
         return grads if len(needs_input_grad) > 3 else grads[:3]
     stat_is_var = not training
     sums = d_weight = d_bias = None
@@ -162,7 +169,7 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     if need_dx or need_dr:
         inv_count = 1.0 / max(view.per_channel, 1)
         dx = bn_backward_dx(view, dy, mean, stat, weight, sums, inv_count, eps, stat_is_var, training,
-                            grad_residual=need_dr, l2_reversed=l2_reversed, **fused)
+                            grad_residual=need_dr, l2_reversed=l2_reversed, mask=m, count=count, **fused)
         if need_dr:
             dx, d_residual = dx
         dx = dx if need_dx else None

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .activation import _recompute
-from .helpers import (_combine_block, _along_channel_axis, _dx_coefficients, _elementwise_offsets,
-                      _elementwise_tile, _l2_policy, _last_of_channel, _walk_pid,
+from .helpers import (_combine_block, _along_channel_axis, _counted, _dx_coefficients, _elementwise_offsets,
+                      _elementwise_tile, _inv_count_parts, _l2_policy, _last_of_channel, _walk_pid,
                       _load_channel_param, _load_channel_stats, _release_ticket,
                       _split_bounds, _tile_offsets, _training_dx, _wide, _wide_scalar, split_float)
 from .normalize import elementwise_grid
@@ -176,11 +176,14 @@ def _bn_backward_dx_kernel(
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
     weight_ptr, bias_ptr,  # [C] gamma (HAS_WEIGHT), beta (HAS_BIAS; read only when FUSED)
     sums_ptr,  # [2, C] sum dz, sum dz * (x - mean) (TRAINING)
+    count_ptr,  # [C] the elements the masked forward counted per channel (MASKED)
+    mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     N, Q, K, C,
     x_n_stride, x_q_stride, x_k_stride,
     dy_n_stride, dy_q_stride, dy_k_stride,
     dx_n_stride, dx_q_stride, dx_k_stride,
     r_n_stride, r_q_stride, r_k_stride,
+    mask_n_stride, mask_q_stride, mask_k_stride,
     inv_count_hi, inv_count_lo, eps,  # 1 / M = hi + lo, M the elements per channel of the (global) batch
     slope_hi, slope_lo,  # negative_slope = hi + lo
     TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -193,6 +196,7 @@ def _bn_backward_dx_kernel(
     FLAT: tl.constexpr, FLAT_INNER: tl.constexpr, FLAT_C: tl.constexpr,  # (helpers._flat_tile)
     # L2_REVERSED: after the partial pass, the last tile first, x, dy, r loaded evict_first (_walk_pid)
     L2_REVERSED: tl.constexpr,
+    MASKED: tl.constexpr,  # training dx of a masked forward (the module docstring)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, cols, mask, channels, channel_mask = _elementwise_tile(_walk_pid(L2_REVERSED), N, Q, K, CHANNELS_LAST, FLAT,
@@ -231,6 +235,8 @@ def _bn_backward_dx_kernel(
     if TRAINING:
         sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         sum_dy_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+        if MASKED:
+            inv_count_hi, inv_count_lo = _inv_count_parts(count_ptr, channels, channel_mask)
         mean_dz, proj = _dx_coefficients(invstd, sum_dy, sum_dy_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
         if FUSED:
             xmu = fused_xmu
@@ -243,6 +249,10 @@ def _bn_backward_dx_kernel(
         dx = _training_dx(dy, xmu, _along_channel_axis(a, CHANNELS_LAST, FLAT),
                           _along_channel_axis(mean_dz, CHANNELS_LAST, FLAT),
                           _along_channel_axis(proj, CHANNELS_LAST, FLAT))
+        if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
+            counted = _counted(mask_ptr, _elementwise_offsets(rows, cols, Q, mask_n_stride, mask_q_stride,
+                                                              mask_k_stride, FLAT, DENSE_ROWS, INDEX_64), mask, MASKED)
+            dx = tl.where(counted, dx, dy * _along_channel_axis(a, CHANNELS_LAST, FLAT))
     else:
         dx = dy * _along_channel_axis(a, CHANNELS_LAST, FLAT)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -317,11 +327,13 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
                    eps: float = 0.0, stat_is_var: bool = False, training: bool = True, *,
                    bias: Optional[torch.Tensor] = None, activation: int = 0, negative_slope: float = 0.01,
                    residual: Optional[torch.Tensor] = None, from_output: bool = False,
-                   grad_residual: bool = False, l2_reversed: bool = False):
+                   grad_residual: bool = False, l2_reversed: bool = False, mask: Optional[NQKView] = None,
+                   count: Optional[torch.Tensor] = None):
     """dx for the view's input; ``sums`` from bn_backward_reduce (ignored in eval mode).
     With ``grad_residual`` returns (dx, dresidual), dresidual = dz = dy * act'(z) (dx's strides).
     ``l2_reversed``: right after the reduction, walk the tiles last first, loading evict_first
-    (tuning.l2_passes); the same bits as the forward walk."""
+    (tuning.l2_passes); the same bits as the forward walk. ``mask`` (view.mask_view) and ``count``
+    (its per-channel counts, from the forward): a masked training forward's dx (``inv_count`` unused)."""
     x = view.tensor
     C = view.C
     dx = fresh(empty_output(view))
@@ -334,23 +346,27 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     r_view = None if residual is None else nqk_view(residual, view.channels_last)
     sums = sums if training else None
     r_geometry = None if r_view is None else r_view[1:]
+    mask = mask if training else None
+    m, count = (None, None) if mask is None else (mask.tensor, count)
+    m_geometry = None if mask is None else mask[1:]  # stride 0 along the channels: never a flat walk
     # dr is allocated like dx: its geometry is dx's. The key's geometries determine the flat walk.
     key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var,
-           tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr),
-           r_geometry, activation, from_output, inv_count, eps, negative_slope, l2_reversed)
-    tensors = tuple(t for t in (x, dy, dx, residual, dr, mean, stat, weight, bias, sums) if t is not None)
+           tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr, m, count),
+           r_geometry, activation, from_output, inv_count, eps, negative_slope, l2_reversed, m_geometry)
+    tensors = tuple(t for t in (x, dy, dx, residual, dr, mean, stat, weight, bias, sums, count, m) if t is not None)
 
     def build():
-        flat = flat_walk((view[1:], dy_view[1:], dx_view[1:], r_geometry))
-        args = (x, dy, dx, residual, dr, mean, stat, weight, bias, sums,
+        flat = flat_walk((view[1:], dy_view[1:], dx_view[1:], r_geometry, m_geometry))
+        args = (x, dy, dx, residual, dr, mean, stat, weight, bias, sums, count, m,
                 view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
-                *(view.strides if r_view is None else r_view.strides),
+                *(view.strides if r_view is None else r_view.strides), *((0, 0, 0) if mask is None else mask.strides),
                 *split_float(inv_count), float(eps), *split_float(negative_slope))
         constexprs = dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                           CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,
                           ACTIVATION=activation, HAS_RESIDUAL=residual is not None, FROM_OUTPUT=from_output,
-                          WRITE_DRESIDUAL=grad_residual, FUSED=fused, **addressing(view, dy_view, dx_view, r_view),
-                          **flat, L2_REVERSED=l2_reversed)
+                          WRITE_DRESIDUAL=grad_residual, FUSED=fused,
+                          **addressing(view, dy_view, dx_view, r_view, mask), **flat, L2_REVERSED=l2_reversed,
+                          MASKED=mask is not None)
         return elementwise_grid(view, flat["FLAT"]), args, constexprs, ()
     _DX.run(key, tensors, build)
     return (dx, dr) if grad_residual else dx

@@ -37,10 +37,10 @@ from .view import fits_int32
 @triton.jit
 def _combine_channels(
     partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
-    mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    mean_ptr, invstd_ptr, count_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     momentum_hi, momentum_lo, eps,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
-    BLOCK_P: tl.constexpr, COUNT_PENDING: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_P: tl.constexpr, COUNT_PENDING: tl.constexpr, INDEX_64: tl.constexpr, WRITE_COUNT: tl.constexpr,
 ):
     """Merge the P groups of ``channels`` (a vector) and write their statistics: the body of
     the combine kernel, and of the statistics kernel's last program per channel (stats.py).
@@ -84,8 +84,8 @@ def _combine_channels(
         delta = g_mean - shifted_mean[None, :]
         m2 += tl.sum(g_m2 + tl.where(g_count > 0, g_count * delta * delta, 0.0), 0)
     _, _, m2 = _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
-                                running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi, momentum_lo,
-                                eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_PENDING)
+                                count_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi,
+                                momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_PENDING, WRITE_COUNT)
     if WRITE_MOMENTS:
         tl.store(moments_ptr + channels, shifted_mean, mask=channel_mask)
         tl.store(moments_ptr + C + channels, m2, mask=channel_mask)
@@ -94,28 +94,35 @@ def _combine_channels(
 
 
 @triton.jit
-def _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
+def _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr, count_ptr,
                      running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
-                     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, COUNT_PENDING: tl.constexpr):
-    """From a channel's merged shifted moments: store save_mean and save_invstd, move the
-    running statistics once (UPDATE_RUNNING), return (mean, invstd, m2). Shared by the
-    combine and the on-chip forward (onchip.py), which own their channels exclusively.
+                     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, COUNT_PENDING: tl.constexpr,
+                     WRITE_COUNT: tl.constexpr):
+    """From a channel's merged shifted moments: store save_mean and save_invstd (and, for a
+    masked call, WRITE_COUNT, the count M_c its backward divides by), move the running statistics
+    once (UPDATE_RUNNING), return (mean, invstd, m2). Shared by the combine and the on-chip
+    forward (onchip.py), which own their channels exclusively.
     COUNT_PENDING: the launch increments the step counter after every program has read it
-    (_count_step), so the cumulative factor is 1 / (counter + 1)."""
+    (_count_step), so the cumulative factor is 1 / (counter + 1).
+    A channel with no counted element (a mask's, or an empty rank's: M_c = 0) gets mean 0 and
+    variance 0, and M_c <= 1 an unbiased variance of 0: Keras 3's no-NaN division, no host sync
+    to find out. Unmasked calls always have M_c >= 2 (checks.py), which these rules leave alone."""
     acc_dtype = shifted_mean.dtype
-    mean = pivot + shifted_mean
+    mean = tl.where(count > 0, pivot + shifted_mean, 0.0)
     # torch's variance of a channel holding NaN or +-Inf is NaN (x - mean is NaN somewhere).
     m2 = tl.where(_is_finite(mean), m2, float("nan"))
     var = m2 / tl.maximum(count, 1.0)
     invstd = _invstd(var, eps)
     tl.store(mean_ptr + channels, mean, mask=channel_mask)
     tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
+    if WRITE_COUNT:
+        tl.store(count_ptr + channels, count, mask=channel_mask)
     if UPDATE_RUNNING:
         if CUMULATIVE_AVERAGE:
             factor = 1.0 / (tl.load(num_batches_tracked_ptr) + COUNT_PENDING).to(acc_dtype)
         else:
             factor = _wide_scalar(momentum_hi, momentum_lo, acc_dtype)
-        unbiased_var = m2 / (count - 1.0)
+        unbiased_var = tl.where(count > 1, m2 / (count - 1.0), 0.0)
         old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask)
         old_var = tl.load(running_var_ptr + channels, mask=channel_mask)
         new_mean = (1.0 - factor) * old_mean.to(acc_dtype) + factor * mean
@@ -146,20 +153,21 @@ def _bn_stats_combine_kernel(
     partial_group_stride, partial_field_stride,
     mean_ptr,  # [C] out: batch mean
     invstd_ptr,  # [C] out: 1 / sqrt(biased var + eps)
+    count_ptr,  # [C] out (WRITE_COUNT): the elements each channel's statistics count (a masked call's backward)
     moments_ptr,  # [4, C] out (WRITE_MOMENTS): merged shifted mean, M2, count, pivot
     running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
     num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
-    INDEX_64: tl.constexpr,  # field offsets in int64 (_combine_spec)
+    WRITE_COUNT: tl.constexpr, INDEX_64: tl.constexpr,  # field offsets in int64 (_combine_spec)
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     _combine_channels(partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
-                      mean_ptr, invstd_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-                      momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, WRITE_MOMENTS, BLOCK_P, False,
-                      INDEX_64)
+                      mean_ptr, invstd_ptr, count_ptr, moments_ptr, running_mean_ptr, running_var_ptr,
+                      num_batches_tracked_ptr, momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE,
+                      WRITE_MOMENTS, BLOCK_P, False, INDEX_64, WRITE_COUNT)
 
 
 _COMBINE = Launch(_bn_stats_combine_kernel)
@@ -188,33 +196,37 @@ def bn_stats_combine_groups(moments: torch.Tensor, eps: float, **kwargs):
 
 
 def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, running_var=None,
-             momentum=0.1, num_batches_tracked=None, return_moments=False):
+             momentum=0.1, num_batches_tracked=None, return_moments=False, return_count=False):
+    """(mean, invstd[, moments][, count]): ``return_count`` adds the [C] counts of the merged
+    groups (a masked call's backward divides by them)."""
     assert partial.stride(-1) == 1, "moments must have unit channel stride"
     C = partial.shape[-1]
     mean = torch.empty(C, dtype=partial.dtype, device=partial.device)
     invstd = torch.empty_like(mean)
     moments = torch.empty((4, C), dtype=partial.dtype, device=partial.device) if return_moments else None
+    count = torch.empty_like(mean) if return_count else None
     update = running_mean is not None
     # Unused pointers are None, never another argument: a compiler that cannot see which
     # arguments a kernel writes must not find an output aliased with an input.
     running_mean, running_var = (running_mean, running_var) if update else (None, None)
     cumulative = num_batches_tracked is not None
-    key = (P, C, group_stride, field_stride, return_moments, update, cumulative,
+    key = (P, C, group_stride, field_stride, return_moments, return_count, update, cumulative,
            tensor_key(partial, running_mean, running_var, num_batches_tracked))
-    grid, constexprs = _combine_spec(C, update, cumulative, return_moments, field_stride)
+    grid, constexprs = _combine_spec(C, update, cumulative, return_moments, return_count, field_stride)
     _COMBINE(key, grid, (
-        partial, P, C, group_stride, field_stride, mean, invstd, moments,
+        partial, P, C, group_stride, field_stride, mean, invstd, count, moments,
         running_mean, running_var, num_batches_tracked, *split_float(momentum), float(eps),
     ), constexprs)
-    return (mean, invstd, moments) if return_moments else (mean, invstd)
+    return (mean, invstd) + ((moments,) if return_moments else ()) + ((count,) if return_count else ())
 
 
 @functools.lru_cache(maxsize=1024)
-def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool, field_stride: int):
+def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool, return_count: bool,
+                  field_stride: int):
     """Grid and constexprs; INDEX_64 when the last field's offsets, 3 * field_stride + C, reach 2^31."""
     BLOCK_C = min(128, _next_power_of_2(C))
     return (cdiv(C, BLOCK_C),), dict(UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative,
-                                     WRITE_MOMENTS=return_moments, INDEX_64=not fits_int32(3 * field_stride + C),
+                                     WRITE_MOMENTS=return_moments, WRITE_COUNT=return_count, INDEX_64=not fits_int32(3 * field_stride + C),
                                      BLOCK_P=32, BLOCK_C=BLOCK_C)
 
 

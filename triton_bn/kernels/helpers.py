@@ -162,16 +162,72 @@ def _finite_or_zero(v):
 
 @triton.jit
 def _channel_pivot(x_ptr, pid_c, col_lo, K, q_stride, k_stride, CHANNELS_LAST: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Each channel's first element (sample 0, position 0), 0 where it is not finite: the shift
-    of the statistics (stats.py). A per-channel vector, like the mean or weight loads: one row
-    per program, not a tile. Channels-last: the BLOCK_K channels of block pid_c; else channel pid_c."""
+                   ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, base=0):
+    """Each channel's first element (sample 0, position 0; with a mask the first counted position,
+    ``base`` its offset: _first_counted), 0 where it is not finite: the shift of the statistics
+    (stats.py). A per-channel vector, like the mean or weight loads: one row per program, not a
+    tile. Channels-last: the BLOCK_K channels of block pid_c; else channel pid_c."""
     if CHANNELS_LAST:
         channels = col_lo + tl.arange(0, BLOCK_K)
-        pivot = tl.load(x_ptr + channels.to(tl.int64) * k_stride, mask=channels < K, other=0.0)
+        pivot = tl.load(x_ptr + base + channels.to(tl.int64) * k_stride, mask=channels < K, other=0.0)
     else:
-        pivot = tl.load(x_ptr + pid_c.to(tl.int64) * q_stride)
+        pivot = tl.load(x_ptr + base + pid_c.to(tl.int64) * q_stride)
     return _finite_or_zero(pivot.to(ACC_DTYPE))
+
+
+# Positions _first_counted looks at before it settles for position 0: the pivot only has to be
+# near the data (accuracy, not correctness), and a mask rarely opens with this many padded ones.
+_PIVOT_SCAN: tl.constexpr = 16384
+
+
+@triton.jit
+def _first_counted(mask_ptr, N, Q, K, m_n_stride, m_q_stride, m_k_stride, x_n_stride, x_q_stride, x_k_stride,
+                   CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr):
+    """The offset in x, channel 0, of the first position (in (n, s) order) the mask counts: where
+    the masked statistics take their pivot. Padding (often zeros, whatever the data's mean) is no
+    pivot: shifted by it, the sums of |mean| >> std data would lose their digits. The mask has no
+    channel axis, so every program of every channel finds the same position and the pivots of a
+    channel's splits still agree (combine.py). A bounded scan (_PIVOT_SCAN; no valid position in
+    it: position 0), 1 KiB of mask per step from L2, usually one step."""
+    if CHANNELS_LAST:  # rows (n, q) are the positions; the mask's stride along K (channels) is 0
+        S = Q
+        m_s_stride = m_q_stride
+        x_s_stride = x_q_stride
+    else:
+        S = K
+        m_s_stride = m_k_stride
+        x_s_stride = x_k_stride
+    total = _wide(N, INDEX_64) * S
+    first = total
+    start = total * 0
+    while (start < tl.minimum(total, _PIVOT_SCAN)) & (first == total):
+        idx = start + tl.arange(0, 1024)
+        counted = tl.load(mask_ptr + (idx // S) * m_n_stride + (idx % S) * m_s_stride, mask=idx < total, other=0)
+        first = tl.min(tl.where(counted != 0, idx, total), 0)
+        start += 1024
+    first = tl.where(first == total, 0, first)
+    return (first // S) * x_n_stride + (first % S) * x_s_stride
+
+
+@triton.jit
+def _counted(mask_ptr, offsets, valid, MASKED: tl.constexpr):
+    """``valid`` narrowed to the positions the mask counts (MASKED), for a tile whose mask
+    offsets are ``offsets`` (the mask's [N, Q, K] strides: 0 along the channel axis)."""
+    if MASKED:
+        return valid & (tl.load(mask_ptr + offsets, mask=valid, other=0) != 0)
+    else:
+        return valid
+
+
+@triton.jit
+def _inv_count_parts(count_ptr, channels, channel_mask):
+    """(hi, lo) float32 with hi + lo = 1 / M_c for the per-channel counts a masked forward wrote,
+    computed in float64 exactly as split_float does on the host for an unmasked call, so an
+    all-True mask gives the unmasked call's bits. M_c = 0: 0 (no position takes the projection)."""
+    count = tl.load(count_ptr + channels, mask=channel_mask, other=0.0).to(tl.float64)
+    inv = tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
+    hi = inv.to(tl.float32)
+    return hi, (inv - hi.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit

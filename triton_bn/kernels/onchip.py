@@ -32,8 +32,9 @@ import triton.language as tl
 
 from .activation import _activation, _recompute
 from .combine import _finish_channels
-from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _dx_coefficients, _load_channel_param,
-                      _load_channel_stats, _tile_offsets, _training_dx, _wide_scalar, split_float)
+from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _counted, _dx_coefficients, _first_counted,
+                      _inv_count_parts, _load_channel_param, _load_channel_stats, _tile_offsets, _training_dx,
+                      _wide_scalar, split_float)
 from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype
 from .tickets import tickets as _tickets
@@ -74,6 +75,8 @@ def _bn_onchip_forward_kernel(
     r_ptr,  # [N, Q, K] residual (HAS_RESIDUAL), strides r_{n,q,k}_stride
     y_ptr,  # [N, Q, K] output, strides y_{n,q,k}_stride (may be x: the slab is loaded before any store)
     mean_ptr, invstd_ptr,  # [C] out: batch mean, 1 / sqrt(biased var + eps) (ACC_DTYPE)
+    count_ptr,  # [C] out (MASKED): the elements counted per channel
+    mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma, beta (HAS_WEIGHT, HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] contiguous, updated in place (UPDATE_RUNNING)
     num_batches_tracked_ptr,  # [] int64 step counter, incremented once (COUNT_STEP)
@@ -82,6 +85,7 @@ def _bn_onchip_forward_kernel(
     x_n_stride, x_q_stride, x_k_stride,
     r_n_stride, r_q_stride, r_k_stride,
     y_n_stride, y_q_stride, y_k_stride,
+    mask_n_stride, mask_q_stride, mask_k_stride,
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
     slope_hi, slope_lo,  # negative_slope = hi + lo
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -90,6 +94,7 @@ def _bn_onchip_forward_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    MASKED: tl.constexpr,  # statistics over the positions the mask counts (y is written everywhere)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -97,24 +102,33 @@ def _bn_onchip_forward_kernel(
     x_offsets = _tile_offsets(rows, cols, pid, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST,
                               DENSE_ROWS, INDEX_64)
     x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
-    # The split path's shift (stats.py): the channel's first element, so the sums are of values
-    # O(std) however large |mean| is. One element per channel, already in cache.
+    counted = _counted(mask_ptr, _tile_offsets(rows, cols, pid, Q, mask_n_stride, mask_q_stride, mask_k_stride,
+                                               CHANNELS_LAST, DENSE_ROWS, INDEX_64), valid, MASKED)
+    # The split path's shift (stats.py): the channel's first (counted) element, so the sums are of
+    # values O(std) however large |mean| is. One element per channel, already in cache.
+    base = 0
+    if MASKED:
+        base = _first_counted(mask_ptr, N, Q, K, mask_n_stride, mask_q_stride, mask_k_stride, x_n_stride,
+                              x_q_stride, x_k_stride, CHANNELS_LAST, INDEX_64)
     pivot = _channel_pivot(x_ptr, pid, pid * BLOCK_K, K, x_q_stride, x_k_stride, CHANNELS_LAST, ACC_DTYPE,
-                           BLOCK_K) + tl.zeros(channels.shape, ACC_DTYPE)
-    if CHANNELS_LAST:
+                           BLOCK_K, base) + tl.zeros(channels.shape, ACC_DTYPE)
+    if MASKED:
+        count = _per_channel(counted.to(ACC_DTYPE), CHANNELS_LAST)
+    elif CHANNELS_LAST:
         count = tl.zeros(channels.shape, ACC_DTYPE) + N * Q
     else:
         count = tl.zeros(channels.shape, ACC_DTYPE) + N * K
-    d = tl.where(valid, x - _along_channel_axis(pivot, CHANNELS_LAST, False), 0.0)
+    d = tl.where(counted, x - _along_channel_axis(pivot, CHANNELS_LAST, False), 0.0)
     # A plain sum for the mean (torch's NaN/Inf behaviour), then M2 as a second pass over the
     # registers: exact up to rounding of O(std) values, no cancellation.
     shifted_mean = _per_channel(d, CHANNELS_LAST) / tl.maximum(count, 1.0)
-    delta = tl.where(valid, d - _along_channel_axis(shifted_mean, CHANNELS_LAST, False), 0.0)
+    delta = tl.where(counted, d - _along_channel_axis(shifted_mean, CHANNELS_LAST, False), 0.0)
     m2 = _per_channel(delta * delta, CHANNELS_LAST)
     # This program owns its channels: the running statistics move here, exactly once.
     mean, invstd, _ = _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
-                                       running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi,
-                                       momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_STEP)
+                                       count_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+                                       momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_STEP,
+                                       MASKED)
     if COUNT_STEP:
         _count_step(ticket_ptr, num_batches_tracked_ptr)
     scale = invstd * _load_channel_param(weight_ptr, channels, channel_mask, 1.0, HAS_WEIGHT, ACC_DTYPE)
@@ -139,6 +153,8 @@ def _bn_onchip_backward_kernel(
     dx_ptr,  # [N, Q, K] out (WRITE_DX), strides dx_{n,q,k}_stride
     dr_ptr,  # [N, Q, K] out: dresidual = dz (WRITE_DRESIDUAL), dx's strides
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
+    count_ptr,  # [C] the elements the masked forward counted per channel (MASKED)
+    mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma (HAS_WEIGHT), beta (HAS_BIAS; read only when FUSED)
     grad_weight_ptr, grad_bias_ptr,  # [C] out (HAS_GRAD_WEIGHT, HAS_GRAD_BIAS), parameter dtype
     N, Q, K,
@@ -146,7 +162,8 @@ def _bn_onchip_backward_kernel(
     dy_n_stride, dy_q_stride, dy_k_stride,
     r_n_stride, r_q_stride, r_k_stride,
     dx_n_stride, dx_q_stride, dx_k_stride,
-    inv_count_hi, inv_count_lo, eps,  # 1 / M = hi + lo
+    mask_n_stride, mask_q_stride, mask_k_stride,
+    inv_count_hi, inv_count_lo, eps,  # 1 / M = hi + lo (unmasked)
     slope_hi, slope_lo,  # negative_slope = hi + lo
     TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr,
@@ -155,6 +172,7 @@ def _bn_onchip_backward_kernel(
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    MASKED: tl.constexpr,  # training dx of a masked forward (backward.py: _masked_dx)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -201,9 +219,15 @@ def _bn_onchip_backward_kernel(
     if WRITE_DX:
         a = _along_channel_axis(invstd * gamma, CHANNELS_LAST, False)
         if TRAINING:
+            if MASKED:
+                inv_count_hi, inv_count_lo = _inv_count_parts(count_ptr, channels, channel_mask)
             mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
             dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
                               _along_channel_axis(proj, CHANNELS_LAST, False))
+            if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
+                dx = tl.where(_counted(mask_ptr, _tile_offsets(rows, cols, pid, Q, mask_n_stride, mask_q_stride,
+                                                               mask_k_stride, CHANNELS_LAST, DENSE_ROWS, INDEX_64),
+                                       valid, MASKED), dx, dz * a)
         else:
             dx = dz * a
         tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
@@ -240,47 +264,57 @@ def bn_onchip_forward(view: NQKView, tile: tuple, weight: Optional[torch.Tensor]
                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                       momentum: Optional[float], eps: float, num_batches_tracked: Optional[torch.Tensor] = None, *,
                       activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
-                      out: Optional[torch.Tensor] = None):
+                      out: Optional[torch.Tensor] = None, mask: Optional[NQKView] = None):
     """(y, save_mean, save_invstd) in one launch; running statistics (contiguous) updated in
-    place once. ``tile`` from onchip_tile_for(view); the rest as kernels.bn_forward_train."""
+    place once. ``tile`` from onchip_tile_for(view); the rest as kernels.bn_forward_train.
+    ``mask`` (view.mask_view): (y, save_mean, save_invstd, count), statistics over its positions."""
     x = view.tensor
     block_r, block_k, num_warps = tile
     y, y_view, r_view = _views(view, out, residual)
     residual = None if r_view is None else r_view.tensor
     mean = fresh(torch.empty(view.C, dtype=acc_dtype(x.dtype), device=x.device))
     invstd = fresh(torch.empty_like(mean))
+    m = None if mask is None else mask.tensor
+    counted = None if mask is None else fresh(torch.empty_like(mean))
     update = running_mean is not None
     count = num_batches_tracked is not None
     cumulative = momentum is None
     ticket = _tickets(x.device, 1) if count else None
     key = (view[1:], y_view[1:], None if r_view is None else r_view[1:], activation, update, count, tile,
-           tensor_key(x, residual, y, weight, bias, running_mean, running_var, num_batches_tracked),
-           momentum, eps, negative_slope)
-    tensors = tuple(t for t in (x, residual, y, mean, invstd, weight, bias, running_mean, running_var,
+           tensor_key(x, residual, y, weight, bias, running_mean, running_var, num_batches_tracked, m),
+           momentum, eps, negative_slope, None if mask is None else mask[1:])
+    tensors = tuple(t for t in (x, residual, y, mean, invstd, counted, m, weight, bias, running_mean, running_var,
                                 num_batches_tracked, ticket) if t is not None)
 
     def build():
-        args = (x, residual, y, mean, invstd, weight, bias, running_mean, running_var, num_batches_tracked, ticket,
-                view.N, view.Q, view.K, *view.strides, *(view.strides if r_view is None else r_view.strides),
-                *y_view.strides, *split_float(0.0 if cumulative else momentum), float(eps),
-                *split_float(negative_slope))
+        args = (x, residual, y, mean, invstd, counted, m, weight, bias, running_mean, running_var,
+                num_batches_tracked, ticket, view.N, view.Q, view.K, *view.strides,
+                *(view.strides if r_view is None else r_view.strides), *y_view.strides, *_mask_strides(mask),
+                *split_float(0.0 if cumulative else momentum), float(eps), *split_float(negative_slope))
         constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
                           COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative, CHANNELS_LAST=view.channels_last,
                           ACC_DTYPE=tl_dtype(x.dtype), ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
-                          **addressing(view, y_view, r_view), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps)
+                          **addressing(view, y_view, r_view, mask), MASKED=m is not None, BLOCK_R=block_r,
+                          BLOCK_K=block_k, num_warps=num_warps)
         return _grid(view.C, view.channels_last, block_k), args, constexprs, ()
     _FORWARD.run(key, tensors, build)
-    return y, mean, invstd
+    return (y, mean, invstd) if m is None else (y, mean, invstd, counted)
+
+
+def _mask_strides(mask: Optional[NQKView]) -> tuple:
+    return (0, 0, 0) if mask is None else mask.strides
 
 
 def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                        weight: Optional[torch.Tensor], eps: float, training: bool, needs: tuple,
                        param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
                        activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
-                       from_output: bool = False):
+                       from_output: bool = False, mask: Optional[NQKView] = None,
+                       count: Optional[torch.Tensor] = None):
     """(dx, dweight, dbias, dresidual), each None where ``needs`` (need_dx, need_dw, need_db,
     need_dr) says no, in one launch; arguments as kernels.bn_backward (``mean``/``stat``:
-    save_mean/save_invstd, or the running statistics when not ``training``)."""
+    save_mean/save_invstd, or the running statistics when not ``training``; ``mask`` and
+    ``count``: a masked training forward's mask view and counts)."""
     need_dx, need_dw, need_db, need_dr = needs
     if not (need_dx or need_dw or need_db or need_dr):
         return None, None, None, None
@@ -299,22 +333,26 @@ def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch
         param_dtype = weight.dtype if weight is not None else x.dtype
     d_weight = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_dw else None
     d_bias = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_db else None
+    masked = mask is not None and training and need_dx
+    m, count = (mask.tensor, count) if masked else (None, None)
     key = (view[1:], dy_view[1:], dx_view[1:], None if r_view is None else r_view[1:], training, activation,
            from_output, need_dx, need_dr, tile, tensor_key(x, dy, residual, dx, dr, mean, stat, weight, bias, d_weight,
-                                                           d_bias), eps, negative_slope)
-    tensors = tuple(t for t in (x, dy, residual, dx, dr, mean, stat, weight, bias, d_weight, d_bias) if t is not None)
+                                                           d_bias, m, count), eps, negative_slope,
+           mask[1:] if masked else None)
+    tensors = tuple(t for t in (x, dy, residual, dx, dr, mean, stat, count, m, weight, bias, d_weight, d_bias)
+                    if t is not None)
 
     def build():
-        args = (x, dy, residual, dx, dr, mean, stat, weight, bias, d_weight, d_bias, view.N, view.Q, view.K,
+        args = (x, dy, residual, dx, dr, mean, stat, count, m, weight, bias, d_weight, d_bias, view.N, view.Q, view.K,
                 *view.strides, *dy_view.strides, *(view.strides if r_view is None else r_view.strides),
-                *dx_view.strides, *split_float(1.0 / max(view.per_channel, 1)), float(eps),
-                *split_float(negative_slope))
+                *dx_view.strides, *_mask_strides(mask if masked else None),
+                *split_float(1.0 / max(view.per_channel, 1)), float(eps), *split_float(negative_slope))
         constexprs = dict(TRAINING=training, STAT_IS_VAR=not training, HAS_WEIGHT=weight is not None,
                           HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
                           FROM_OUTPUT=from_output, FUSED=fused, WRITE_DX=need_dx, WRITE_DRESIDUAL=need_dr,
                           HAS_GRAD_WEIGHT=need_dw, HAS_GRAD_BIAS=need_db, CHANNELS_LAST=view.channels_last,
-                          ACC_DTYPE=tl_dtype(x.dtype), **addressing(view, dy_view, dx_view, r_view),
-                          BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps)
+                          ACC_DTYPE=tl_dtype(x.dtype), **addressing(view, dy_view, dx_view, r_view, mask if masked else None),
+                          MASKED=masked, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps)
         return _grid(view.C, view.channels_last, block_k), args, constexprs, ()
     _BACKWARD.run(key, tensors, build)
     return dx, d_weight, d_bias, dr

@@ -40,8 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import (_channel_pivot, _combine_block, _count_step, _l2_policy, _lane_counts, _last_of_channel,
-                      _merge_groups, _release_ticket, _split_bounds, _tile_offsets, _wide, split_float)
+from .helpers import (_channel_pivot, _combine_block, _count_step, _counted, _first_counted, _l2_policy,
+                      _lane_counts, _last_of_channel, _merge_groups, _release_ticket, _split_bounds, _tile_offsets,
+                      _wide, split_float)
 from .combine import _combine_channels
 from .launch import Launch, fresh, tensor_key
 from .tickets import tickets as _tickets
@@ -58,8 +59,11 @@ def _bn_stats_partial_kernel(
     x_n_stride, x_q_stride, x_k_stride,
     rows_per_split, cols_per_split, splits_k,
     partial_field_stride,  # P * C
+    mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
+    mask_n_stride, mask_q_stride, mask_k_stride,
     tickets_ptr,  # [programs along axis 0 + 1] int32, zero between calls (COMBINE)
     mean_ptr, invstd_ptr,  # [C] out (COMBINE): batch mean, 1 / sqrt(biased var + eps)
+    count_ptr,  # [C] out (COMBINE and MASKED): the elements counted per channel
     running_mean_ptr, running_var_ptr,  # [C] updated in place (COMBINE and UPDATE_RUNNING)
     num_batches_tracked_ptr,  # [] int64 step counter, incremented once (COUNT_STEP)
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
@@ -68,6 +72,7 @@ def _bn_stats_partial_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
     EVICT_LAST: tl.constexpr,  # x loads evict_last: normalize reads x again from L2 (tuning.l2_passes)
+    MASKED: tl.constexpr,  # statistics over the positions the mask counts (masked batch norm)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)  # channels-first: the channel; channels-last: a channel block
@@ -76,7 +81,11 @@ def _bn_stats_partial_kernel(
                                                    cols_per_split, splits_k, CHANNELS_LAST, BLOCK_K, INDEX_64)
     # Every program of a channel shifts by the same pivot, the channel's first element, so the
     # sums below are of values O(std) however large |mean| is (shifted data, Chan et al. 1983).
-    pivot = _channel_pivot(x_ptr, pid_c, col_lo, K, x_q_stride, x_k_stride, CHANNELS_LAST, ACC_DTYPE, BLOCK_K)
+    base = 0
+    if MASKED:
+        base = _first_counted(mask_ptr, N, Q, K, mask_n_stride, mask_q_stride, mask_k_stride, x_n_stride,
+                              x_q_stride, x_k_stride, CHANNELS_LAST, INDEX_64)
+    pivot = _channel_pivot(x_ptr, pid_c, col_lo, K, x_q_stride, x_k_stride, CHANNELS_LAST, ACC_DTYPE, BLOCK_K, base)
     if CHANNELS_LAST:
         channels = col_lo + tl.arange(0, BLOCK_K)
         pivot_tile = pivot[None, :]
@@ -85,6 +94,7 @@ def _bn_stats_partial_kernel(
     # Per-lane sums live in registers across tiles; lanes merge once, after the loop.
     shifted_sum = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
     shifted_sq = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
+    counted = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)  # MASKED: the lanes' counts, else known (_lane_counts)
     for col0 in range(col_lo, col_hi, BLOCK_K):
         cols = col0 + tl.arange(0, BLOCK_K)
         for row0 in range(row_lo, row_hi, BLOCK_R):
@@ -93,10 +103,18 @@ def _bn_stats_partial_kernel(
                                     DENSE_ROWS, INDEX_64)
             valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
             x = tl.load(x_ptr + offsets, mask=valid, other=0.0, eviction_policy=_l2_policy(EVICT_LAST, "evict_last"))
+            if MASKED:
+                valid = _counted(mask_ptr, _tile_offsets(rows, cols, pid_c, Q, mask_n_stride, mask_q_stride,
+                                                         mask_k_stride, CHANNELS_LAST, DENSE_ROWS, INDEX_64),
+                                 valid, MASKED)
+                counted += valid.to(ACC_DTYPE)
             d = tl.where(valid, x.to(ACC_DTYPE) - pivot_tile, 0.0)
             shifted_sum += d
             shifted_sq += d * d
-    count = _lane_counts(row_hi - row_lo, col_hi - col_lo, CHANNELS_LAST, BLOCK_R, BLOCK_K).to(ACC_DTYPE)
+    if MASKED:
+        count = counted
+    else:
+        count = _lane_counts(row_hi - row_lo, col_hi - col_lo, CHANNELS_LAST, BLOCK_R, BLOCK_K).to(ACC_DTYPE)
     lane_mean = shifted_sum / tl.maximum(count, 1.0)
     # q - s^2/n is benign here: the values are shifted to O(std); the clamp absorbs rounding.
     lane_m2 = tl.maximum(shifted_sq - shifted_sum * lane_mean, 0.0)
@@ -121,10 +139,10 @@ def _bn_stats_partial_kernel(
         last, channels = _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST, BLOCK_K)
         if last:
             _combine_channels(partial_ptr, tl.num_programs(1), C, C, partial_field_stride, channels, channels < C,
-                              mean_ptr, invstd_ptr, None, running_mean_ptr, running_var_ptr,
+                              mean_ptr, invstd_ptr, count_ptr, None, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
                               UPDATE_RUNNING, CUMULATIVE_AVERAGE, False,
-                              _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), COUNT_STEP, INDEX_64)
+                              _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), COUNT_STEP, INDEX_64, MASKED)
             _release_ticket(tickets_ptr, pid_c)
             if COUNT_STEP:
                 _count_step(tickets_ptr + tl.num_programs(0), num_batches_tracked_ptr)
@@ -143,9 +161,11 @@ _PARTIAL = Launch(_bn_stats_partial_kernel)
 
 
 @functools.lru_cache(maxsize=4096)
-def _partial_spec(geometry: tuple, dtype: torch.dtype, device: torch.device, splits: Optional[int]):
-    """Everything about a statistics-partial launch that the input's geometry fixes: the
-    partial buffer's shape, the grid, the int arguments, the constexprs (cached per shape)."""
+def _partial_spec(geometry: tuple, dtype: torch.dtype, device: torch.device, splits: Optional[int],
+                  mask_geometry: Optional[tuple] = None):
+    """Everything about a statistics-partial launch that the input's geometry (and a mask's)
+    fixes: the partial buffer's shape, the grid, the int arguments up to the mask pointer, the
+    mask's strides, the constexprs (cached per shape)."""
     N, Q, K, n_stride, q_stride, k_stride, channels_last = geometry
     C = K if channels_last else Q
     split = stats_splits(N, Q, K, channels_last, device, splits)
@@ -155,21 +175,25 @@ def _partial_spec(geometry: tuple, dtype: torch.dtype, device: torch.device, spl
         grid = (C, split.num)
     ints = (N, Q, K, C, n_stride, q_stride, k_stride, split.rows_per_split, split.cols_per_split, split.splits_k,
             split.num * C)
-    constexprs = dict(CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype),
-                      **split_addressing(_addressing((geometry,)), split, C, 4))
-    return (4, split.num, C), grid, ints, constexprs
+    masked = mask_geometry is not None
+    constexprs = dict(CHANNELS_LAST=channels_last, ACC_DTYPE=tl_dtype(dtype), MASKED=masked,
+                      **split_addressing(_addressing((geometry, mask_geometry) if masked else (geometry,)),
+                                         split, C, 4))
+    return (4, split.num, C), grid, ints, mask_geometry[3:6] if masked else (0, 0, 0), constexprs
 
 
-def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tensor:
+def bn_stats_partial(view: NQKView, splits: Optional[int] = None, mask: Optional[NQKView] = None) -> torch.Tensor:
     """Pass 1 alone: per-split moments, a [4, P, C] tensor of the accumulation dtype: the mean
     of x - pivot, M2, count, and the pivot (the same for every split of a channel). For
-    callers that combine groups themselves (SyncBatchNorm merges every rank's)."""
+    callers that combine groups themselves (SyncBatchNorm merges every rank's). ``mask``
+    (view.mask_view): only the positions it counts enter the moments."""
     x = view.tensor
-    key = (view[1:], x.dtype, x.device, splits)
-    shape, grid, ints, constexprs = _partial_spec(*key)
+    key = (view[1:], x.dtype, x.device, splits, None if mask is None else mask[1:])
+    shape, grid, ints, mask_strides, constexprs = _partial_spec(*key)
     partial = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
     _PARTIAL((key, False, x.data_ptr() & 15), grid,
-             (x, partial, *ints, None, None, None, None, None, None, 0.0, 0.0, 0.0),
+             (x, partial, *ints, None if mask is None else mask.tensor, *mask_strides,
+              None, None, None, None, None, None, None, 0.0, 0.0, 0.0),
              dict(constexprs, COMBINE=False, UPDATE_RUNNING=False, COUNT_STEP=False, CUMULATIVE_AVERAGE=False,
                   EVICT_LAST=False))
     return partial
@@ -178,9 +202,11 @@ def bn_stats_partial(view: NQKView, splits: Optional[int] = None) -> torch.Tenso
 def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = None,
              running_var: Optional[torch.Tensor] = None, momentum: Optional[float] = 0.1,
              num_batches_tracked: Optional[torch.Tensor] = None, splits: Optional[int] = None,
-             evict_last: bool = False):
+             evict_last: bool = False, mask: Optional[NQKView] = None):
     """(save_mean, save_invstd) in one launch: the partial pass, whose last program per
     channel (block) combines; running statistics (contiguous) updated in place, exactly once.
+    ``mask`` (view.mask_view): statistics over the positions it counts; then (save_mean,
+    save_invstd, count), count the [C] elements each channel counted (the backward's M_c).
 
     ``num_batches_tracked``: the step counter, incremented by this launch (exactly once);
     ``momentum=None`` replaces momentum by the cumulative-average factor 1 / (its new value),
@@ -189,33 +215,35 @@ def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = N
     of a shape autotunes on scratch copies of the running statistics, so benchmarking the
     candidates never moves the real ones."""
     x = view.tensor
-    geometry_key = (view[1:], x.dtype, x.device, splits)
-    shape, grid, ints, constexprs = _partial_spec(*geometry_key)
+    geometry_key = (view[1:], x.dtype, x.device, splits, None if mask is None else mask[1:])
+    shape, grid, ints, mask_strides, constexprs = _partial_spec(*geometry_key)
     acc = acc_dtype(x.dtype)
     partial = fresh(torch.empty(shape, dtype=acc, device=x.device))
     mean = fresh(torch.empty(shape[2], dtype=acc, device=x.device))
     invstd = fresh(torch.empty(shape[2], dtype=acc, device=x.device))
+    m = None if mask is None else mask.tensor
+    counted = None if mask is None else fresh(torch.empty(shape[2], dtype=acc, device=x.device))
     update = running_mean is not None
     count = num_batches_tracked is not None
     cumulative = momentum is None
     if cumulative and not (count and update):
         raise ValueError("bn_stats: momentum=None (cumulative average) needs the running statistics and "
                          "num_batches_tracked")
-    key = (geometry_key, True, update, count, tensor_key(x, running_mean, running_var, num_batches_tracked),
+    key = (geometry_key, True, update, count, tensor_key(x, running_mean, running_var, num_batches_tracked, m),
            momentum, eps, evict_last)
     tickets = _tickets(x.device, shape[2] + 1)  # one per channel block, one for the step counter
-    tensors = tuple(t for t in (x, partial, tickets, mean, invstd, running_mean, running_var, num_batches_tracked)
-                    if t is not None)
+    tensors = tuple(t for t in (x, partial, m, tickets, mean, invstd, counted, running_mean, running_var,
+                                num_batches_tracked) if t is not None)
 
     def build():
-        args = (x, partial, *ints, tickets, mean, invstd, running_mean, running_var, num_batches_tracked,
-                *split_float(0.0 if cumulative else momentum), float(eps))
+        args = (x, partial, *ints, m, *mask_strides, tickets, mean, invstd, counted, running_mean, running_var,
+                num_batches_tracked, *split_float(0.0 if cumulative else momentum), float(eps))
         return grid, args, _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"],
                                              constexprs["DENSE_ROWS"], constexprs["INDEX_64"], update, count,
-                                             cumulative, evict_last), \
+                                             cumulative, evict_last, m is not None), \
             tuple(i for i, t in zip(_MUTATED_ARGS, (running_mean, running_var, num_batches_tracked)) if t is not None)
     _PARTIAL.run(key, tensors, build)
-    return mean, invstd
+    return (mean, invstd) if m is None else (mean, invstd, counted)
 
 
 _PARTIAL = Launch(_bn_stats_partial_kernel)
@@ -226,6 +254,7 @@ _MUTATED_ARGS = tuple(_PARTIAL.names.index(name)
 
 @functools.lru_cache(maxsize=64)
 def _fused_constexprs(channels_last, acc, dense_rows: bool, index_64: bool, update: bool, count: bool,
-                      cumulative: bool, evict_last: bool) -> dict:
+                      cumulative: bool, evict_last: bool, masked: bool) -> dict:
     return dict(CHANNELS_LAST=channels_last, ACC_DTYPE=acc, DENSE_ROWS=dense_rows, INDEX_64=index_64, COMBINE=True,
-                UPDATE_RUNNING=update, COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative, EVICT_LAST=evict_last)
+                UPDATE_RUNNING=update, COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative, EVICT_LAST=evict_last,
+                MASKED=masked)

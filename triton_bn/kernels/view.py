@@ -120,6 +120,19 @@ def nqk_view(x: torch.Tensor, channels_last: Optional[bool] = None) -> NQKView:
     return NQKView(x, *geometry)
 
 
+def mask_view(view: NQKView, mask: torch.Tensor) -> NQKView:
+    """The kernels' view of a batch-norm mask: ``mask`` is bool (N, *spatial) for the view's
+    (N, C, *spatial) input, seen as an [N, Q, K] tensor in the input's orientation with stride 0
+    along the channel axis, so the kernels address it with the input's own index arithmetic. Its
+    spatial dims must merge (the caller copies a mask whose do not)."""
+    x = view.tensor
+    geometry = _geometry((mask.shape[0], x.shape[1], *mask.shape[1:]), (mask.stride(0), 0, *mask.stride()[1:]),
+                         view.channels_last)
+    if geometry is None:
+        raise ValueError("batch_norm: the mask's spatial dimensions do not merge into one strided axis")
+    return NQKView(mask, *geometry)
+
+
 def empty_output(view: NQKView) -> torch.Tensor:
     """An uninitialized tensor of the view's shape for an output (y, dx) that the kernels can
     address: ``empty_like`` (the input's memory format) when its spatial dims merge, else a
