@@ -20,7 +20,8 @@ for: a tensor of any other origin (e.g. a contiguous copy of a strided running s
 which must be copied back) leaves the signature to the launcher, call after call; so does
 every call while a Triton launch hook is installed. Plans, hence replays, exist under the
 interpreter too, so the tests run this path.
-The key also holds the launchers' global switches (``tuning.onchip_enabled()``, ``l2_hints_enabled()``).
+The key also holds the launchers' global switches (``tuning.onchip_enabled()``, ``l2_hints_enabled()``,
+``cooperative_enabled()``).
 ``clear_plans`` forgets the recordings with the plans.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from . import launch
 from .tickets import zero_after_error
-from .tuning import l2_hints_enabled, onchip_enabled
+from .tuning import cooperative_enabled, l2_hints_enabled, onchip_enabled
 from .launch import _NOT_REPLAYABLE, _Recording, current_device, current_stream, launch_hooks
 
 
@@ -169,7 +170,7 @@ class _Unhashable(Exception):
 
 def _replay(launcher, key: tuple, args: tuple, kwargs: dict):
     device = current_device()
-    key = (launcher, device, (onchip_enabled.on, l2_hints_enabled.on), key)
+    key = (launcher, device, (onchip_enabled.on, l2_hints_enabled.on, cooperative_enabled.on), key)
     try:
         replay = _REPLAYS.get(key)
     except TypeError:

@@ -353,8 +353,8 @@ class _Switch:
     TRITON_INTERPRET (the dispatch must cost no environment lookup per call); ``use(enabled)``
     sets it inside a block (tests, tools, A/B runs). replay.py keys its replays on every switch."""
 
-    def __init__(self, variable: str):
-        self.on = os.environ.get(variable, "1") != "0"
+    def __init__(self, variable: str, default: str = "1"):
+        self.on = os.environ.get(variable, default) != "0"
 
     def __call__(self) -> bool:
         return self.on
@@ -375,6 +375,10 @@ use_onchip = onchip_enabled.use
 #: compares the two (perf/NOTES.md, 2026-12-07).
 l2_hints_enabled = _Switch("TRITON_BN_L2_HINTS")
 use_l2_hints = l2_hints_enabled.use
+#: Whether the launchers may take the cooperative path (TRITON_BN_COOPERATIVE=1: yes); off until a
+#: GPU run has measured it (perf/NOTES.md, 2026-12-08).
+cooperative_enabled = _Switch("TRITON_BN_COOPERATIVE", default="0")
+use_cooperative = cooperative_enabled.use
 
 
 @functools.lru_cache(maxsize=4096)
@@ -406,3 +410,18 @@ def onchip_tile(N: int, Q: int, K: int, channels_last: bool, dtype: torch.dtype)
         return None
     num_warps = max(1, min(16, elements // (32 * ONCHIP_VALUES_PER_THREAD)))
     return block_r, block_k, num_warps
+
+
+
+# The cooperative path (cooperative.py): every program of a launch waits at grid barriers, so all
+# must be resident at once. ptxas is held to COOPERATIVE_MAX_REGISTERS (.maxnreg), so programs per
+# SM follow from the launch alone: 65536 / (128 x 256 threads) = 2; its few KB of reduction scratch
+# fit twice on sm_80 and sm_90 (python -m triton_bn.report --kernel cooperative shows both).
+COOPERATIVE_WARPS, COOPERATIVE_MAX_REGISTERS = 8, 128
+COOPERATIVE_VALUES_PER_THREAD = 32  # of one [N, Q, K] tile; fp64 half (two registers a value)
+SM_COUNT_ASSUMED = 132  # H100 SXM / H200, where no GPU is asked (the interpreter, the report)
+
+
+def co_resident_programs(sm_count: int, num_warps: int, registers: int = COOPERATIVE_MAX_REGISTERS) -> int:
+    threads = 32 * num_warps
+    return sm_count * min(2048 // threads, 65536 // (registers * threads), 32)
