@@ -6,6 +6,8 @@
     python -m triton_bn.report --kernel normalize --dtype fp16 --layout NHWC
     python -m triton_bn.report --shapes resnet50      # ResNet-50's BN shapes, kept configs, main loops
     python -m triton_bn.report --shapes resnet50 --only 512x7x7 --batch 64 --first-config
+    python -m triton_bn.report --kernel cooperative --arch 90,80 --barrier-ptx   # their barrier's PTX
+    python -m triton_bn.report --shapes resnet50 --cooperative  # + the launchers with the switch on
 
 Columns: see the README section "Reading the kernel resource report". A cold run compiles
 every row (~1 s each, spread over --jobs processes); Triton's cache and the SASS cache make
@@ -23,7 +25,8 @@ from .runner import run_jobs, tools_missing
 from .shapes import BATCHES, FORMATS, SHAPE_SETS, case_rows, parse_shape, shape_jobs
 
 KERNEL_ORDER = ["stats_partial", "stats_combine", "normalize", "backward_partial", "backward_dx", "onchip_forward",
-                "onchip_backward"]
+                "onchip_backward", "cooperative_forward", "cooperative_backward"]
+SMS = {90: 132, 80: 108}  # H100 SXM / H200, A100: the co-resident grid of a cooperative kernel
 COLUMNS = [  # (header, row -> text)
     ("kernel", lambda r: r["name"]),
     ("variant", lambda r: r["variant"]),
@@ -41,7 +44,23 @@ COLUMNS = [  # (header, row -> text)
     ("tile STG", lambda r: _bits(r["tile_stg_min"]) if r["tile_lines"] else "-"),
     ("L2 hint", lambda r: r.get("l2_hints") or "-"),
     ("occ", lambda r: f"{r['occupancy']:.2f} ({r['blocks_per_sm']}b, {r['occupancy_limiter']})"),
+    ("grid", lambda r: str(co_resident_grid(r)) if r["name"].startswith("cooperative") else "-"),
 ]
+
+
+def co_resident_grid(row) -> int:
+    """Programs of a cooperative kernel that can be resident at once: blocks per SM x SMs."""
+    return row["blocks_per_sm"] * SMS[row["arch"]]
+
+
+def format_barriers(rows) -> str:
+    """The barrier PTX (machine_code.barrier_ptx) of each cooperative kernel compiled."""
+    out = []
+    for r in sorted((r for r in rows if "barrier_ptx" in r), key=_sort_key):
+        out.append(f"\n# {r['name']} {r['variant']} {r['layout']} {r['dtype']} sm_{r['arch']} {r['config_label']}: "
+                   "atomics, CTA barriers and the branches around the atomics")
+        out += r["barrier_ptx"]
+    return "\n".join(out)
 
 
 def _bits(bits: int) -> str:
@@ -82,6 +101,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ptx", action="store_true", help="access widths from the PTX (fast) instead of SASS")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    parser.add_argument("--no-cooperative", action="store_true",
+                        help="leave out the cooperative kernels (behind TRITON_BN_COOPERATIVE, off by default)")
+    parser.add_argument("--barrier-ptx", action="store_true",
+                        help="after the table, the cooperative kernels' barrier PTX (acquire/release, spin loop)")
     shapes = parser.add_argument_group("real shapes (--shapes)")
     shapes.add_argument("--shapes", choices=sorted(SHAPE_SETS),
                         help="the kernels the launchers run on these shapes (kept configs): adds instructions "
@@ -90,6 +113,8 @@ def main(argv=None) -> int:
     shapes.add_argument("--only", default="", help="with --shapes: a subset of the shapes, e.g. 512x7x7,64x56x56")
     shapes.add_argument("--first-config", action="store_true",
                         help="with --shapes: only the first kept config of each launch (what pinning runs)")
+    shapes.add_argument("--cooperative", action="store_true",
+                        help="with --shapes: also record each case with the cooperative switch on (path=cooperative)")
     args = parser.parse_args(argv)
     if args.shapes and args.ptx:
         parser.error("--shapes reads the SASS (main loops); it cannot use --ptx")
@@ -101,11 +126,14 @@ def main(argv=None) -> int:
     if args.shapes:
         return _shapes_report(args)
     jobs = compile_jobs(archs=[int(a) for a in _csv(args.arch)], dtypes=_csv(args.dtype),
-                        layouts=_csv(args.layout), kernels=_csv(args.kernel), kept_only=args.kept_only)
+                        layouts=_csv(args.layout), kernels=_csv(args.kernel), kept_only=args.kept_only,
+                        cooperative=not args.no_cooperative)
     print(f"compiling {len(jobs)} kernel configs ...", file=sys.stderr)
     rows = run_jobs(jobs, workers=args.jobs, sass=not args.ptx)
     return _emit(rows, args.json, f"widths from {'PTX' if args.ptx else 'SASS'}; kept = the autotuner's pruning "
-                 "keeps it for this shape; spill = STACK + LOCAL bytes", lambda: format_table(rows))
+                 "keeps it for this shape; spill = STACK + LOCAL bytes; grid = a cooperative kernel's co-resident "
+                 "programs (blocks/SM x 132 SMs sm_90, 108 sm_80)",
+                 lambda: format_table(rows) + (format_barriers(rows) if args.barrier_ptx else ""))
 
 
 def _emit(rows, as_json: bool, legend: str, tables) -> int:
@@ -131,7 +159,7 @@ def _shapes_report(args) -> int:
         chosen = wanted
     formats = [(d, lay) for d, lay in FORMATS if d in _csv(args.dtype) and lay in _csv(args.layout)]
     jobs, cases = shape_jobs(chosen, [int(b) for b in _csv(args.batch)], formats, [int(a) for a in _csv(args.arch)],
-                             _csv(args.kernel), args.first_config)
+                             _csv(args.kernel), args.first_config, args.cooperative)
     print(f"{len(cases)} cases, {sum(len(j) for _, j in cases)} rows, compiling {len(jobs)} distinct kernels ...",
           file=sys.stderr)
     rows = [shapes_table.with_budget(r) for r in case_rows(cases, jobs, run_jobs(jobs, workers=args.jobs))]

@@ -74,6 +74,7 @@ class CompileJob:
     autotuned: bool
     kept: bool  # the autotuner's pruning keeps this config for this shape on a GPU
     arch: int
+    options: Tuple[Tuple[str, Any], ...] = ()  # other launch options (the cooperative kernels': maxnreg, ...)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,7 +158,11 @@ def _recording(sink: list):
                 os.environ[key] = value
 
 
-def _scenarios(x: torch.Tensor, dispatched: bool = False):
+# Compile options a launch may pass besides num_warps/num_stages (the cooperative kernels').
+LAUNCH_OPTIONS = ("maxnreg", "launch_cooperative_grid")
+
+
+def _scenarios(x: torch.Tensor, dispatched: bool = False, cooperative: bool = False):
     """(variant, thunk) for each way the library launches kernels on x (the split path), then
     the on-chip kernels' launches on ``onchip_slab(x)``. ``dispatched``: the launches on x
     alone, on whichever path the launchers pick under the current on-chip switch (the
@@ -184,13 +189,55 @@ def _scenarios(x: torch.Tensor, dispatched: bool = False):
     ]
     if dispatched:
         return on_x
-    return on_x + [
+    return on_x + (_cooperative_scenarios(x) if cooperative else []) + [
         ("train", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5)),
         ("train-fused", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5, **leaky)),
         ("train", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, training=True)),
         ("train-fused", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, True, (True,) * 4,
                                             bias=svec(), from_output=True, **leaky)),
         ("eval", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, training=False)),
+    ]
+
+
+def cooperative_slab(x: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of x's layout and dtype that takes the cooperative path with several programs
+    per channel (block): NHWC 64x512x7x7 (ResNet-50's layer4 at batch 64: 200 programs in fp16),
+    NCHW 32x64x28x28 (256), NC 8192x96 (128 fp16, 192 fp32)."""
+    if x.dim() == 2:
+        return torch.empty((8192, 96), dtype=x.dtype, device="meta")
+    if x.is_contiguous():
+        return torch.empty((32, 64, 28, 28), dtype=x.dtype, device="meta")
+    return torch.empty((64, 512, 7, 7), dtype=x.dtype, device="meta").to(memory_format=torch.channels_last)
+
+
+def _cooperative_scenarios(x: torch.Tensor):
+    """The cooperative kernels (kernels/cooperative.py) on cooperative_slab(x), plain and with the
+    heaviest epilogue, recorded with the switch on; the on-chip path off, so the slab cannot go
+    there. Its single launch (PHASE 0: tuning's interpreter flag is off while recording)."""
+    from triton_bn.kernels import cooperative, input_view
+    from triton_bn.kernels.tuning import use_cooperative
+    slab = cooperative_slab(x)
+    dy, r = torch.empty_like(slab), torch.empty_like(slab)
+    vec = lambda: torch.empty(slab.shape[1], dtype=torch.float32, device=x.device)  # noqa: E731
+    leaky = dict(activation=2, residual=r)
+
+    def on(thunk):
+        def run():
+            with use_cooperative(True):
+                view = input_view(slab)
+                plan = cooperative.cooperative_plan_for(view)
+                if plan is None:
+                    raise RuntimeError(f"cooperative_slab {tuple(slab.shape)} is not co-resident")
+                return thunk(view, plan)
+        return run
+    return [
+        ("train", on(lambda v, p: cooperative.bn_cooperative_forward(v, p, vec(), vec(), vec(), vec(), 0.1, 1e-5))),
+        ("train-fused", on(lambda v, p: cooperative.bn_cooperative_forward(v, p, vec(), vec(), vec(), vec(), 0.1,
+                                                                           1e-5, **leaky))),
+        ("train", on(lambda v, p: cooperative.bn_cooperative_backward(v, p, dy, vec(), vec(), vec(), 1e-5, True,
+                                                                      (True, True, True, False)))),
+        ("train-fused", on(lambda v, p: cooperative.bn_cooperative_backward(
+            v, p, dy, vec(), vec(), vec(), 1e-5, True, (True,) * 4, bias=vec(), from_output=True, **leaky))),
     ]
 
 
@@ -270,8 +317,10 @@ def _launch_jobs(launch: _Launch, variant: str, dtype: str, layout: str, arch: i
                   constexprs=tuple(constexprs), divisible=tuple(divisible), arch=arch)
     if not isinstance(kernel, triton.runtime.Autotuner):
         blocks = tuple((k, v) for k, v in constexprs if k.startswith("BLOCK_"))
+        options = tuple((k, launch.kwargs[k]) for k in LAUNCH_OPTIONS if k in launch.kwargs)
         return [CompileJob(**common, config=blocks, num_warps=launch.kwargs.get("num_warps", 4),
-                           num_stages=launch.kwargs.get("num_stages", 3), autotuned=False, kept=True)]
+                           num_stages=launch.kwargs.get("num_stages", 3), autotuned=False, kept=True,
+                           options=options)]
     prune = kernel.early_config_prune
     kept = prune(kernel.configs, bound, **launch.kwargs) if prune else kernel.configs
     return [CompileJob(**common, config=tuple(sorted(c.kwargs.items())), num_warps=c.num_warps,
@@ -283,14 +332,15 @@ def job_key(job: CompileJob) -> tuple:
     """Two jobs with equal keys compile to the same binary (shapes differing only in ints
     that Triton does not specialize on share one)."""
     return (job.kernel, job.signature, job.constexprs, job.config, job.num_warps, job.num_stages, job.arch,
-            job.layout)
+            job.layout, job.options)
 
 
-def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,), dispatched: bool = False) -> List[CompileJob]:
+def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,), dispatched: bool = False,
+                  cooperative: bool = False) -> List[CompileJob]:
     """The distinct jobs of every launch the library makes on ``x`` (a meta tensor), each
-    launch paired with every config it can run with (``dispatched``: see _scenarios)."""
+    launch paired with every config it can run with (``dispatched``, ``cooperative``: see _scenarios)."""
     jobs: Dict[tuple, CompileJob] = {}
-    for variant, launch_all in _scenarios(x, dispatched):
+    for variant, launch_all in _scenarios(x, dispatched, cooperative):
         sink: List[_Launch] = []
         with _recording(sink):
             launch_all()
@@ -302,13 +352,15 @@ def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,), dispatc
 
 
 def compile_jobs(archs=(90,), dtypes=("fp32", "fp16", "bf16"), layouts=("NCHW", "NHWC"),
-                 kernels: Optional[List[str]] = None, kept_only: bool = False) -> List[CompileJob]:
+                 kernels: Optional[List[str]] = None, kept_only: bool = False,
+                 cooperative: bool = False) -> List[CompileJob]:
     """Every distinct (kernel specialization, config, arch) the library launches for the
-    representative shapes. ``kernels``: keep names containing any of these substrings."""
+    representative shapes. ``kernels``: keep names containing any of these substrings;
+    ``cooperative``: the cooperative kernels too (behind their switch, off by default)."""
     jobs: Dict[tuple, CompileJob] = {}
     for layout in layouts:
         for dtype in dtypes:
-            for job in recorded_jobs(LAYOUTS[layout](DTYPES[dtype]), dtype, layout, archs):
+            for job in recorded_jobs(LAYOUTS[layout](DTYPES[dtype]), dtype, layout, archs, cooperative=cooperative):
                 jobs.setdefault(job_key(job), job)
     selected = [j for j in jobs.values()
                 if (not kernels or any(k in j.name for k in kernels)) and (j.kept or not kept_only)]

@@ -132,6 +132,25 @@ def l2_hints(ptx: str) -> str:
     return ",".join(sorted({m.group(1) for m in map(_PTX_HINTED_LOAD.match, ptx.splitlines()) if m}))
 
 
+_PTX_BARRIER = re.compile(r"^\s*(?:@!?%p\d+\s+)?(atom\.|red\.|bar\.sync|barrier\.|fence\.|membar\.|ld\.\S*acquire)")
+# An atomic, or a load/store with memory-order semantics (Triton lowers an acquire add of 0 to ld.acquire).
+_PTX_ORDERED = re.compile(r"^\s*(?:@!?%p\d+\s+)?(atom\.|red\.|ld\.\S*\.acquire|st\.\S*\.release)")
+_PTX_FLOW = re.compile(r"^\s*(\$L__\w+:|(?:@!?%p\d+\s+)?bra(?:\.uni)?\s|(?:@!?%p\d+\s+)?setp\.)")
+
+
+def barrier_ptx(ptx: str, context: int = 6) -> List[str]:
+    """The PTX within ``context`` instructions of each atomic or ordered load/store: atomics, CTA
+    barriers, fences, labels, compares and branches. How a grid barrier compiled (the cooperative
+    kernels: ``atom.global.gpu.acq_rel.add`` in; a loop of ``ld.global.gpu.acquire``, Triton's
+    lowering of an acquire add of 0, and a backward ``bra``), readable without a GPU. Each line as
+    "<PTX line number>: <instruction>"."""
+    code = [(n, line.strip()) for n, line in enumerate(ptx.splitlines(), 1)
+            if line.strip() and not line.strip().startswith(("//", ".loc", "mov.u32"))]
+    anchors = [k for k, (_, line) in enumerate(code) if _PTX_ORDERED.match(line)]
+    near = sorted({j for k in anchors for j in range(max(k - context, 0), min(k + context + 1, len(code)))})
+    return [f"{code[k][0]}: {code[k][1]}" for k in near if _PTX_BARRIER.match(code[k][1]) or _PTX_FLOW.match(code[k][1])]
+
+
 # --- SASS ------------------------------------------------------------------------------------
 _SASS_PTX_LINE = re.compile(r'//## File "\.nv_debug_ptx_txt", line (\d+)')
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")

@@ -40,7 +40,7 @@ class Case:
     W: int
     dtype: str
     layout: str
-    path: str  # "split" or "onchip"
+    path: str  # "split", "onchip" or "cooperative"
 
     @property
     def label(self) -> str:
@@ -51,15 +51,19 @@ class Case:
         return x.to(memory_format=torch.channels_last) if self.layout == "NHWC" else x
 
 
-def launch_paths() -> List[Tuple[str, Callable[[], contextlib.AbstractContextManager]]]:
+def launch_paths(cooperative: bool = False) -> List[Tuple[str, Callable[[], contextlib.AbstractContextManager]]]:
     """(label, context) per dispatch path the launchers have: the split path always; the
     on-chip path when ``tuning.use_onchip`` exists (feature-detected, so the report needs no
-    change when that branch lands)."""
+    change when that branch lands); ``cooperative`` (--cooperative): the launchers with
+    ``tuning.use_cooperative(True)`` too, on chip first (the switch is off by default)."""
     from triton_bn.kernels import tuning
     use_onchip = getattr(tuning, "use_onchip", None)
     if use_onchip is None:
         return [("split", contextlib.nullcontext)]
-    return [("split", lambda: use_onchip(False)), ("onchip", lambda: use_onchip(True))]
+    paths = [("split", lambda: use_onchip(False)), ("onchip", lambda: use_onchip(True))]
+    if cooperative:
+        paths.append(("cooperative", lambda: tuning.use_cooperative(True)))
+    return paths
 
 
 def parse_shape(text: str) -> Tuple[int, int, int]:
@@ -70,14 +74,15 @@ def parse_shape(text: str) -> Tuple[int, int, int]:
 
 def shape_jobs(shapes: Sequence[Tuple[int, int, int]] = RESNET50_SHAPES, batches: Sequence[int] = BATCHES,
                formats: Sequence[Tuple[str, str]] = FORMATS, archs=(90,), kernels: Optional[List[str]] = None,
-               first_config: bool = False) -> Tuple[List[CompileJob], List[Tuple[Case, List[CompileJob]]]]:
+               first_config: bool = False,
+               cooperative: bool = False) -> Tuple[List[CompileJob], List[Tuple[Case, List[CompileJob]]]]:
     """(distinct jobs to compile, [(case, the case's jobs)]). A case's jobs are the kept
     configs of its autotuned launches and its fixed-config launches; ``first_config``: only
     the first kept config of each launch (the one ``TRITON_BN_PIN_CONFIG=1`` runs), for
-    quick checks. ``kernels``: substrings of kernel names to keep."""
+    quick checks. ``kernels``: substrings of kernel names to keep; ``cooperative``: see launch_paths."""
     unique: Dict[tuple, CompileJob] = {}
     cases = []
-    for label, context in launch_paths():
+    for label, context in launch_paths(cooperative):
         for (C, H, W) in shapes:
             for N in batches:
                 for dtype, layout in formats:

@@ -21,8 +21,8 @@ from triton.compiler import ASTSource
 
 from .launches import CompileJob
 from .sass_loops import main_loop
-from .machine_code import (disassemble, integer_divisions, l2_hints, occupancy, ptx_accesses, resource_usage,
-                           sass_accesses, summarize_accesses, tile_access_lines)
+from .machine_code import (barrier_ptx, disassemble, integer_divisions, l2_hints, occupancy, ptx_accesses,
+                           resource_usage, sass_accesses, summarize_accesses, tile_access_lines)
 
 
 def _decode_constexpr(value):
@@ -54,7 +54,7 @@ def compile_job(job: CompileJob, tmpdir: str, sass: bool = True) -> dict:
     attrs = {index[p]: [["tt.divisibility", 16]] for p in job.divisible}
     source = ASTSource(jit, dict(job.signature), constexprs, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32),
-                              options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+                              options=dict(num_warps=job.num_warps, num_stages=job.num_stages, **dict(job.options)))
     cubin = os.path.join(tmpdir, "kernel.cubin")
     with open(cubin, "wb") as f:
         f.write(compiled.asm["cubin"])
@@ -71,6 +71,7 @@ def compile_job(job: CompileJob, tmpdir: str, sass: bool = True) -> dict:
         tile_lines=len(tile_lines), occupancy=occ, blocks_per_sm=blocks, occupancy_limiter=limiter,
         toolchain=toolchain(job.arch), int_divisions=integer_divisions(compiled.asm["ptx"]),
         l2_hints=l2_hints(compiled.asm["ptx"]),
+        **({"barrier_ptx": barrier_ptx(compiled.asm["ptx"])} if job.name.startswith("cooperative") else {}),
         **(main_loop(sass_text, compiled.asm["ptx"], tile_file, tile_lines, dict(job.config), job.num_warps)
            if sass else {}),
     )
