@@ -4,10 +4,13 @@
 #      failing test must not cost the perf steps their evidence)
 #   2. the 'quick' perf suite -> CSV, summary, PNGs               (at most PERF_TIMEOUT s)
 #   3. a short tune of ResNet-50 batch 64 -> the first real tuning file   (at most TUNE_TIMEOUT s)
+#   2b. the cooperative path on (TRITON_BN_COOPERATIVE=1): its tests (the GPU one first) and the
+#       kernel tests, then the quick suite again -> results/cooperative/ (at most 60 + 90 s)
 #   4. a short whole-model run: python -m perf model, batch 64, bf16 channels-last, eager /
 #      convert_model / fuse_model, 5 timed steps                  (at most MODEL_TIMEOUT s)
-# Under 8 minutes with the default timeouts: 150 + 150 + 60 + 60 s, plus 10 s of grace each for
-# `timeout -k` = 460 s at worst (SKIP_MODEL=1 skips step 4), and a few seconds of version
+# With the default timeouts: 150 + 150 + 60 + 90 + 60 + 60 s, plus 10 s of grace each for
+# `timeout -k` = 630 s at worst: over a 10-minute device call, so pass SKIP_MODEL=1 (step 4) there
+# (COOP_TEST_TIMEOUT=1 COOP_PERF_TIMEOUT=1 all but skip 2b), and a few seconds of version
 # queries and tar (the quick suite:
 # 9 cases, 3 of ResNet-50's shapes at batch 256 among them; test_perf.py keeps it at most 10).
 # Installs nothing (the device machine has no network); without matplotlib the perf run still
@@ -51,6 +54,20 @@ test_rc=${PIPESTATUS[0]}
 timeout -k 10 "$PERF_TIMEOUT" "$PY" -m perf --suite quick --out "$OUT/results" 2>&1 | tee "$OUT/perf.log"
 perf_rc=${PIPESTATUS[0]}
 
+# 2b. The cooperative path (issue 21, perf/NOTES.md 2026-12-08), switch on: its GPU tests (the
+#     one-launch grid barrier, CUDA graphs) and the kernel/on-chip tests, then the quick suite,
+#     against step 2's run with it off (its own CSV under results/cooperative/).
+COOP_TEST_TIMEOUT=${COOP_TEST_TIMEOUT:-60}
+COOP_PERF_TIMEOUT=${COOP_PERF_TIMEOUT:-90}
+mkdir -p "$OUT/results/cooperative"
+TRITON_BN_COOPERATIVE=1 timeout -k 10 "$COOP_TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider \
+  tests/test_cooperative.py tests/test_onchip.py tests/test_kernels.py 2>&1 | tail -40 \
+  > "$OUT/results/cooperative/pytest.log"
+coop_test_rc=${PIPESTATUS[0]}
+TRITON_BN_COOPERATIVE=1 timeout -k 10 "$COOP_PERF_TIMEOUT" "$PY" -m perf --suite quick \
+  --out "$OUT/results/cooperative" > "$OUT/results/cooperative/perf.log" 2>&1
+coop_perf_rc=$?
+
 # 3. The tuning file (fp32 NCHW ResNet-50 at batch 64): winners and every candidate's time.
 timeout -k 10 "$TUNE_TIMEOUT" "$PY" -m triton_bn.tune --model resnet50 --batch 64 \
   --out "$OUT/results/tuning-resnet50-b64.json" 2>&1 | tr '\r' '\n' > "$OUT/results/tune.log"
@@ -71,5 +88,6 @@ fi
 cp "$OUT"/results/*.csv "$OUT"/results/*-summary.txt "$OUT"/ 2>/dev/null
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
 echo "pytest rc=$test_rc (124: timed out); perf rc=$perf_rc (1: error rows, 124: timed out);" \
-  "tune rc=$tune_rc; model rc=$model_rc" | tee "$OUT/status.txt"
+  "tune rc=$tune_rc; model rc=$model_rc; cooperative: pytest rc=$coop_test_rc, perf rc=$coop_perf_rc" \
+  | tee "$OUT/status.txt"
 [ "$test_rc" -eq 0 ] && [ "$perf_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]
