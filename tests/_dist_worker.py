@@ -175,6 +175,58 @@ def check_fused_layer(rank, world, sizes, act, save="input", slope=0.01, inplace
     assert backward_calls == {"all_gather": 0, "all_reduce": 1}, f"backward collectives {backward_calls}"
 
 
+def check_masked_layer(rank, world, sizes, fused=False):
+    """Masked SyncBatchNorm (SyncBatchNormAct with a residual when ``fused``): each rank's mask
+    counts a different number of positions (one rank none at all, one rank an empty batch), and
+    the statistics must be those of every rank's counted positions, vs a float64 composition on
+    the whole batch: y, dx, dresidual, the local dgamma/dbeta, running statistics."""
+    C, tail = 3, (3, 7)
+    torch.manual_seed(3)
+    bn = SyncBatchNormAct(C, eps=EPS, act_layer="relu") if fused else SyncBatchNorm(C, eps=EPS)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+    rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    shape = (sum(sizes), *tail)
+    x_full = random_input(shape, torch.float32, "cpu", seed=60, mean=20.0, std=2.0)
+    r_full = random_input(shape, torch.float32, "cpu", seed=61)
+    dy_full = random_input(shape, torch.float32, "cpu", seed=62)
+    g = torch.Generator().manual_seed(63)
+    mask_full = torch.rand((shape[0], shape[2]), generator=g) > torch.linspace(0.1, 0.9, shape[0])[:, None]
+    mask_full[:sizes[0]] = False  # rank 0 counts nothing
+    x, r = _leaf(_local(x_full, sizes, rank)), _leaf(_local(r_full, sizes, rank))
+    mask = _local(mask_full, sizes, rank)
+    y = bn(x, r, mask=mask) if fused else bn(x, mask=mask)
+    y_out = y.detach().clone()
+    y.backward(_local(dy_full, sizes, rank))
+
+    def reference(dy64):
+        x64, r64 = x_full.double().requires_grad_(), r_full.double().requires_grad_()
+        w64, b64 = bn.weight.detach().double().requires_grad_(), bn.bias.detach().double().requires_grad_()
+        counted = mask_full[:, None].expand_as(x64)
+        count = counted.sum((0, 2)).double().view(1, -1, 1)
+        mean = torch.where(counted, x64, 0.0).sum((0, 2), keepdim=True) / count
+        var = torch.where(counted, (x64 - mean) ** 2, 0.0).sum((0, 2), keepdim=True) / count
+        z = (x64 - mean) / torch.sqrt(var + EPS) * w64.view(1, -1, 1) + b64.view(1, -1, 1)
+        y64 = torch.relu(z + r64) if fused else z
+        y64.backward(dy64)
+        return y64, x64.grad, r64.grad, w64.grad, b64.grad, mean.flatten(), (var * count / (count - 1)).flatten()
+
+    y_ref, dx_ref, dr_ref, _, _, mean_ref, unbiased_ref = reference(dy_full.double())
+    share = torch.zeros_like(dy_full, dtype=torch.float64)
+    _local(share, sizes, rank).fill_(1.0)
+    _, _, _, dw_ref, db_ref, _, _ = reference(dy_full.double() * share)
+    checks = [("y", y_out, _local(y_ref, sizes, rank)), ("dx", x.grad, _local(dx_ref, sizes, rank)),
+              ("dweight", bn.weight.grad, dw_ref), ("dbias", bn.bias.grad, db_ref),
+              ("running_mean", bn.running_mean, 0.9 * rm0.double() + 0.1 * mean_ref),
+              ("running_var", bn.running_var, 0.9 * rv0.double() + 0.1 * unbiased_ref)]
+    if fused:
+        checks.append(("dresidual", r.grad, _local(dr_ref, sizes, rank)))
+    for name, actual, expected in checks:
+        assert_close(actual, expected, torch.float32, name)
+
+
 def check_eval_and_subgroups(rank, world):
     """process_group is honored: ranks {0, 1} synchronize, every other rank is a group of one
     (the plain layer, no collective); eval mode never synchronizes."""
@@ -270,6 +322,9 @@ CHECKS = [
      lambda r, w, s: check_fused_layer(r, w, s, "relu")),
     ("fused leaky_relu save=output in place", {2: [2, 3], 3: [1, 3, 1]},
      lambda r, w, s: check_fused_layer(r, w, s, "leaky_relu", "output", slope=0.2, inplace=True)),
+    ("masked, uneven counts", {2: [2, 4], 3: [2, 0, 4]}, lambda r, w, s: check_masked_layer(r, w, s)),
+    ("masked fused relu + residual", {2: [3, 3], 3: [1, 3, 2]},
+     lambda r, w, s: check_masked_layer(r, w, s, fused=True)),
 ]
 
 

@@ -182,3 +182,36 @@ def test_onchip_fused_residual_is_read_once_each_way(accesses, device):
         _close(accesses.count(tensor, "load"), 1.0, f"{name} loads")
     _close(accesses.count(dx, "store"), 1.0, "dx stores")
     _close(accesses.count(dr, "store"), 1.0, "dresidual stores")
+
+
+@pytest.mark.parametrize("shape,layout", LAYOUTS[:2] + ONCHIP_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_reads_at_most_its_allowance_and_adds_no_launch(shape, layout, dtype, accesses, device):
+    """Masked batch norm (issue 20): x, dy, y and dx move exactly what they move unmasked, the
+    mask (bool) is read at most T·e + N·S bytes in all (channels-first programs re-read its rows
+    per channel, from L2 on a GPU), and the launches are the unmasked call's, on either path."""
+    from tests.test_kernels import count_launches
+    x = random_input(shape, dtype, device, layout, seed=37)
+    dy = random_input(shape, dtype, device, layout, seed=38)
+    mask = torch.rand((shape[0], *shape[2:]), generator=torch.Generator().manual_seed(39)).to(device) > 0.3
+    T, NS = x.numel(), mask.numel()
+    moved, launches = {}, {}
+    with use_onchip(shape in [s for s, _ in ONCHIP_LAYOUTS]):
+        for masked in (False, True):
+            m = mask if masked else None
+            for _ in range(2):  # the first call of each launch tunes
+                with pytest.MonkeyPatch.context() as patch:  # not the accesses fixture's patch
+                    calls = count_launches(patch)
+                    accesses.loads.clear(), accesses.stores.clear()
+                    out = bn_forward_train(x, None, None, None, None, mask=m)
+                    forward_launches = len(calls)
+                    forward_mask_bytes = accesses.count(mask, "load") * NS
+                    grads = bn_backward(dy, x, None, out[1], out[2], mask=m, count=out[3] if masked else None)
+            launches[masked] = (forward_launches, len(calls) - forward_launches)
+            moved[masked] = [accesses.count(x, "load"), accesses.count(dy, "load"), accesses.count(out[0], "store"),
+                             accesses.count(grads[0], "store")]
+            mask_bytes = (forward_mask_bytes, accesses.count(mask, "load") * NS - forward_mask_bytes)
+    assert moved[True] == moved[False], f"x, dy loads, y, dx stores: {moved}"
+    assert launches[True] == launches[False], launches
+    for direction, read in zip(("forward", "backward"), mask_bytes):
+        assert 0 < read <= T * x.element_size() + NS, f"{direction}: {read} mask bytes read"

@@ -111,7 +111,9 @@ def _opcheck_cases(device):
     w, b, rm, rv = (torch.rand(3, device=device) + 0.5, torch.randn(3, device=device),
                     torch.zeros(3, device=device), torch.ones(3, device=device))
     counter = torch.tensor(3, device=device)
-    y, mean, invstd = torch.ops.triton_bn.forward_train(x, w, b, None, None, None, 0.1, 1e-5)
+    y, mean, invstd, _ = torch.ops.triton_bn.forward_train(x, w, b, None, None, None, 0.1, 1e-5)
+    mask = torch.rand((4, 5, 6), generator=torch.Generator().manual_seed(14)).to(device) > 0.3
+    masked = torch.ops.triton_bn.forward_train(x, w, b, None, None, None, 0.1, 1e-5, 0, 0.01, None, mask)
     r = random_input((4, 3, 5, 6), torch.float32, device, "contiguous", seed=13)
     y_elu = torch.ops.triton_bn.forward_train(x, w, b, None, None, None, 0.1, 1e-5, 5, 0.01, r)[0]
     return [
@@ -134,10 +136,16 @@ def _opcheck_cases(device):
         # save="output": the saved tensor is y (elu, invertible), weight > 0.
         (torch.ops.triton_bn.backward.default, (torch.randn_like(x), y_elu, w, mean, invstd, 1e-5, True,
                                                 [True, True, False, True], torch.float32, b, 5, 0.01, r, True)),
+        # Masked batch norm: the mask in, the per-channel counts out and back into the backward.
+        (torch.ops.triton_bn.forward_train.default, (x, w, b, rm.clone(), rv.clone(), counter.clone(), None, 1e-5,
+                                                      1, 0.01, r, mask)),
+        (torch.ops.triton_bn.backward.default, (torch.randn_like(x), x, w, masked[1], masked[2], 1e-5, True,
+                                                [True, True, True], torch.float32, None, 0, 0.01, None, False, mask,
+                                                masked[3])),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck_every_registered_op(case, device):
     op, args = _opcheck_cases(device)[case]
     results = torch.library.opcheck(op, args)
@@ -244,7 +252,7 @@ def test_eager_calls_skip_the_dispatcher(device, monkeypatch):
 def test_eager_and_op_paths_agree(device):
     x = random_input((5, 4, 3, 3), torch.float32, device, "channels_last", seed=12)
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
-    y_op, mean, invstd = torch.ops.triton_bn.forward_train(x, None, None, rm, rv, None, 0.1, 1e-5)
+    y_op, mean, invstd, _ = torch.ops.triton_bn.forward_train(x, None, None, rm, rv, None, 0.1, 1e-5)
     rm2, rv2 = torch.zeros(4, device=device), torch.ones(4, device=device)
     y = triton_bn.batch_norm(x, rm2, rv2, training=True)
     assert torch.equal(y, y_op) and torch.equal(rm, rm2) and torch.equal(rv, rv2)

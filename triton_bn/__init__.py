@@ -1,6 +1,7 @@
 """triton_bn: batch normalization in Triton, a drop-in for torch.nn.BatchNorm1d/2d/3d."""
 from .function import BatchNormFunction
 from .functional import backend, batch_norm
+from .mask import lengths_to_mask
 from . import decompose  # noqa: F401  (the ops' aten decompositions: export, ONNX; decompose.py)
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .fused_modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, FrozenBatchNorm2d
@@ -20,8 +21,8 @@ from .tune import TuningFileError, use_tuning, use_tuning_from_env  # noqa: E402
 
 use_tuning_from_env()
 
-__all__ = ["batch_norm", "backend", "BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model",
-           "ConvertSummary", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "FrozenBatchNorm2d",
+__all__ = ["batch_norm", "backend", "lengths_to_mask", "BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "convert_model", "ConvertSummary", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "FrozenBatchNorm2d",
            "freeze_batch_norm", "fuse_model", "FuseSummary", "revert_model", "RevertSummary",
            "BatchNorm", "from_keras", "SyncBatchNorm", "SyncBatchNormAct", "convert_sync_batchnorm", "sync_batch_norm",
            "use_tuning", "TuningFileError"]

@@ -187,24 +187,27 @@ class BatchNorm(_TritonBatchNorm, _NormBase):
         self.reset_running_stats()
         self._reset_affine()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask``: Keras 3's ``BatchNormalization.call(inputs, mask=)``, bool of the input's shape
+        without the feature axis (or broadcastable to it; masked batch norm, triton_bn.mask)."""
         if isinstance(input, Proxy):  # only a tracer makes Proxies: no private tracing flag to read
             # torch.fx.symbolic_trace: a call_module leaf (modules.py says why); as the root,
             # traced through (movedim takes the axis as given, negative or not).
-            leaf = self._fx_leaf(input)
+            leaf = self._fx_leaf(input, **({} if mask is None else {"mask": mask}))
             if leaf is not None:
                 return leaf
             input = _check_rank(input, ())
-            return super().forward(input.movedim(self.axis, 1)).movedim(1, self.axis)
+            return super().forward(input.movedim(self.axis, 1), mask).movedim(1, self.axis)
         if input.dim() < 2:
             raise ValueError(f"BatchNorm: expected an input of rank >= 2 (N, ...), got {input.dim()}-D "
                              f"input of shape {tuple(input.shape)}")
         axis = feature_axis(self.axis, input.dim())
         if axis == 1:
-            return super().forward(input)
+            return super().forward(input, mask)
         # movedim is a view: the kernels read the features as dim 1 with whatever stride they
-        # have (unit stride for a contiguous (N, ..., C) input: their channels-last case).
-        return super().forward(input.movedim(axis, 1)).movedim(1, axis)
+        # have (unit stride for a contiguous (N, ..., C) input: their channels-last case). The
+        # mask's dims are the input's without the feature axis, which movedim keeps in order.
+        return super().forward(input.movedim(axis, 1), mask).movedim(1, axis)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         # Called by _TritonBatchNorm.forward on the (N, C, ...) view, before any buffer changes.

@@ -34,6 +34,11 @@ collectives; the normalize launch applies the epilogue, and the backward launche
 through act' and give dresidual, as in the unsynchronized kernels. Memory mode
 save="output" (In-Place ABN) keeps y instead of x, scale |gamma| + eps (functional.py).
 
+Masked batch norm (``forward(x, mask=)``, triton_bn.mask): each rank's moments are over the
+positions its mask counts, and the counts travel with them in the all_gather, so the global
+statistics are exact over every rank's counted positions; the backward's dx divides by the
+global counts (on the device) and applies the projection where the mask counts.
+
 ``convert_sync_batchnorm`` maps every batch norm to its synchronized form: plain ones (torch's,
 triton_bn's, torch's SyncBatchNorm) to ``SyncBatchNorm``, fused ones (triton_bn's BatchNormAct*d,
 timm's BatchNormAct2d / SyncBatchNormAct where timm_layers.parts expresses them) to
@@ -57,7 +62,8 @@ from .fused_modules import _BatchNormAct, _dropped, _FusedForward
 from .kernels import (bn_backward_dx, bn_backward_reduce, bn_normalize, bn_stats_combine,
                       bn_stats_combine_groups, bn_stats_partial, input_view)
 from .kernels.stats import acc_dtype
-from .kernels.view import mergeable
+from .kernels.view import mask_view, mergeable
+from .mask import check_mask
 from .modules import _TritonBatchNorm, with_class
 from .timm_layers import Unexpressible, adopted, is_timm, parts, timm_class
 
@@ -86,11 +92,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps,
                 num_batches_tracked, group, world_size, residual=None, activation=0, negative_slope=0.01,
-                save_output=False, inplace=False):
+                save_output=False, inplace=False, mask=None):
         C = input.shape[1]
         if input.numel() > 0:
             view = input_view(input)
-            _, _, moments = bn_stats_combine(bn_stats_partial(view), eps, return_moments=True)
+            counted = None if mask is None else mask_view(view, mask)
+            _, _, moments = bn_stats_combine(bn_stats_partial(view, mask=counted), eps, return_moments=True)
         else:
             # An empty rank contributes count 0 (which the combine ignores) but must still
             # join the collective, or its peers would wait for it forever.
@@ -106,7 +113,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             y = input if inplace else torch.empty_like(input)
         # The residual is read back only where z needs it: an activation, or x rebuilt from y.
         keep_residual = residual if (activation != 0 or save_output) else None
-        ctx.save_for_backward(y if save_output else input, weight, bias, mean, invstd, count, keep_residual)
+        ctx.save_for_backward(y if save_output else input, weight, bias, mean, invstd, count, keep_residual, mask)
         if inplace:
             ctx.mark_dirty(input)
         ctx.group = group
@@ -117,7 +124,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        input, weight, bias, mean, invstd, count, residual = ctx.saved_tensors  # input: y with save_output
+        input, weight, bias, mean, invstd, count, residual, mask = ctx.saved_tensors  # input: y with save_output
         activation, negative_slope, from_output, has_residual = ctx.epilogue
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         need_dr = has_residual and ctx.needs_input_grad[10]
@@ -147,18 +154,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_dx or need_dz:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
             if input.numel() > 0:
-                # The kernel takes 1 / n as a float; n lives on the device, so the sums are
-                # divided here instead (a [2, C] op, no host sync).
-                mean_sums = sums / count
-                dx = bn_backward_dx(view, dy, mean, invstd, weight, mean_sums, inv_count=1.0, grad_residual=need_dz,
-                                    **epilogue)
+                if mask is not None:  # the masked dx reads the global counts itself
+                    dx = bn_backward_dx(view, dy, mean, invstd, weight, sums, inv_count=1.0, grad_residual=need_dz,
+                                        mask=mask_view(view, mask), count=count, **epilogue)
+                else:
+                    # The kernel takes 1 / n as a float; n lives on the device, so the sums are
+                    # divided here instead (a [2, C] op, no host sync).
+                    dx = bn_backward_dx(view, dy, mean, invstd, weight, sums / count, inv_count=1.0,
+                                        grad_residual=need_dz, **epilogue)
                 if need_dz:
                     dx, dr = dx
             else:
                 dx = torch.empty_like(input)  # still joined the all_reduce: its peers wait for it
                 dr = torch.empty_like(input) if need_dz else dr
         return (dx if need_dx else None, d_weight, d_bias, None, None, None, None, None, None, None, dr,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _check_sync_args(input, running_mean, running_var, weight, bias, momentum, eps):
@@ -176,26 +186,29 @@ def _check_sync_args(input, running_mean, running_var, weight, bias, momentum, e
 
 
 def _apply(input, running_mean, running_var, weight, bias, momentum, eps, group, world_size,
-           num_batches_tracked):
+           num_batches_tracked, mask=None):
     return SyncBatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(bias),
                                        running_mean, running_var, float(momentum), float(eps),
-                                       num_batches_tracked, group, world_size)
+                                       num_batches_tracked, group, world_size, None, 0, 0.01, False, False, mask)
 
 
 def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], momentum: float, eps: float, group, world_size: int,
-                    num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    num_batches_tracked: Optional[torch.Tensor] = None, *,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Training-mode batch norm with the statistics of every rank of ``group``.
 
     Every rank must call it (also one whose batch is empty). ``running_mean``/``running_var``
     (contiguous [C], or None) are updated in place, identically on every rank;
     ``num_batches_tracked`` (a device counter, already incremented) replaces ``momentum`` by
-    1 / num_batches_tracked. Arguments are checked before any collective or buffer change.
+    1 / num_batches_tracked. ``mask``: masked batch norm (triton_bn.mask), each rank its own.
+    Arguments are checked before any collective or buffer change.
     """
     _check_sync_args(input, running_mean, running_var, weight, bias, momentum, eps)
+    mask = None if mask is None else check_mask(input, mask)
     return _apply(input, running_mean, running_var, weight, bias, momentum, eps, group, world_size,
-                  num_batches_tracked)
+                  num_batches_tracked, mask)
 
 
 class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
@@ -215,19 +228,21 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         world_size = dist.get_world_size(group)
         return (group, world_size) if world_size > 1 else None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if isinstance(input, Proxy):  # only a tracer makes Proxies: no private tracing flag to read
-            return self._fx_leaf(input)  # torch.fx.symbolic_trace: a call_module leaf (modules.py)
+            # torch.fx.symbolic_trace: a call_module leaf (modules.py)
+            return self._fx_leaf(input, **({} if mask is None else {"mask": mask}))
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         sync = self._sync_group()
         if sync is None:
-            return super().forward(input)
-        return self._synchronized(input, sync)
+            return super().forward(input, mask)
+        return self._synchronized(input, sync, mask=mask)
 
     def _synchronized(self, input: torch.Tensor, sync, activation=None, negative_slope: float = 0.01,
-                      residual=None, save: str = "input", inplace: bool = False) -> torch.Tensor:
-        """The synchronized training step of a checked input (fused epilogue: batch_norm's)."""
+                      residual=None, save: str = "input", inplace: bool = False, mask=None) -> torch.Tensor:
+        """The synchronized training step of a checked input (fused epilogue: batch_norm's;
+        ``mask``: masked batch norm, checked here before any collective)."""
         group, world_size = sync
         track = self.track_running_stats
         running_mean = self.running_mean if track else None
@@ -235,6 +250,7 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         momentum = 0.0 if self.momentum is None else self.momentum
         code = check_fused(input, activation, negative_slope, residual, save, inplace)
         _check_sync_args(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps)
+        mask = None if mask is None else check_mask(input, mask)
         num_batches_tracked = None
         if track:
             self.num_batches_tracked.add_(1)
@@ -246,7 +262,7 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         return SyncBatchNormFunction.apply(input, _contiguous_param(weight), _contiguous_param(self.bias),
                                            running_mean, running_var, float(momentum), float(self.eps),
                                            num_batches_tracked, group, world_size, residual, code,
-                                           float(negative_slope), save == "output", inplace)
+                                           float(negative_slope), save == "output", inplace, mask)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
@@ -279,14 +295,15 @@ class SyncBatchNormAct(_FusedForward, SyncBatchNorm):
                          dtype=dtype, **kwargs)
         self._setup_fused(act_layer, negative_slope, save, inplace)
 
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         sync = None if isinstance(input, Proxy) else self._sync_group()
         if sync is None:  # the unsynchronized fused layer (or the tracer's call_module leaf)
-            return _FusedForward.forward(self, input, residual)
+            return _FusedForward.forward(self, input, residual, mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         return _dropped(self, self._synchronized(input, sync, self.act_layer, self.negative_slope, residual,
-                                                 self.save, self.inplace))
+                                                 self.save, self.inplace, mask))
 
 
 def _sync_form(module: nn.Module, process_group, plain_cls: type) -> nn.Module:

@@ -10,6 +10,10 @@ is checked and dispatched here.
 Fused epilogue: ``batch_norm(..., activation=, negative_slope=, residual=)`` computes
 y = act(BN(x) + residual) in the same kernels (kernels/activation.py).
 
+Masked batch norm: ``batch_norm(..., mask=)`` (mask.py) takes the training statistics over the
+positions a bool mask counts, in the same kernels and launches (kernels/stats.py, onchip.py,
+backward.py); checked like every other argument before any kernel runs.
+
 Memory mode ``save="output"`` (In-Place Activated BatchNorm, Rota Bulò et al., CVPR 2018): for
 an invertible activation (None, "leaky_relu" with negative_slope > 0, "elu") the backward
 keeps y instead of x (and the residual, when there is one) and reconstructs
@@ -32,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from . import eager
 from .checks import check_args, check_fused
-from .composite import torch_activation
+from .composite import masked_batch_norm, torch_activation
 from .eager import computes, uses_kernels  # noqa: F401 (uses_kernels: part of this module's api)
 from .function import BatchNormFunction, apply_fused, functorch_active, traced
 from .kernels import bn_forward_eval, bn_forward_train
 from .kernels.tuning import cpu_kernels, interpreting
+from .mask import check_mask
 
 
 def backend(x: torch.Tensor) -> str:
@@ -58,6 +63,11 @@ def _contiguous_param(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.reshape(-1).contiguous()
 
 
+def _no_mask_1d(input: torch.Tensor):
+    raise ValueError(f"batch_norm: a mask needs an input with a feature axis and positions (at least 2-D), got "
+                     f"a {input.dim()}-D input")
+
+
 def feature_axis(axis: int, ndim: int) -> int:
     """``axis`` in [0, ndim) for an ndim-D input; the batch axis 0 is not a feature axis."""
     if not -ndim <= axis < ndim:
@@ -74,12 +84,16 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
                 num_batches_tracked: Optional[torch.Tensor] = None,
                 cumulative_average: bool = False, *, activation: Optional[str] = None,
                 negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
-                save: str = "input", inplace: bool = False) -> torch.Tensor:
+                save: str = "input", inplace: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """batch_norm, plus the modules' step counter: ``num_batches_tracked`` (a device tensor) is
     incremented once the arguments have passed their checks (by the statistics kernel, no
     launch of its own), and with ``cumulative_average`` (momentum=None) its reciprocal replaces
     ``momentum`` on the device, with no host sync."""
-    if (save == "input" and not inplace and type(negative_slope) is float
+    if mask is not None:
+        mask = check_mask(input, mask) if input.dim() >= 2 else _no_mask_1d(input)
+        if not training:
+            mask = None  # eval normalizes with the running statistics: the mask changes nothing
+    if (mask is None and save == "input" and not inplace and type(negative_slope) is float
             and (activation is None or type(activation) is str)):  # hashable: the signature holds them
         call = eager.prepared(input, running_mean, running_var, weight, bias, training, momentum, eps,
                               num_batches_tracked, cumulative_average, activation, negative_slope, residual)
@@ -97,11 +111,16 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
                 momentum = 1.0 / float(num_batches_tracked)
         if save_output and weight is not None:
             weight = weight.abs() + eps
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if mask is not None:
+            check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, check_count=False)
+            y = masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
+        else:
+            y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         if residual is not None:
             y = y + residual
         return torch_activation(y, code, negative_slope)
-    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    # Masked: a channel may count 0 or 1 positions, known only on the device (mask.py's rules).
+    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, check_count=mask is None)
     if not training:
         num_batches_tracked = None  # the statistics kernel counts the step; eval is no step
         # Read only: any strides become the [C] vectors the kernels index.
@@ -114,10 +133,10 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     momentum = None if cumulative_average and num_batches_tracked is not None else float(momentum)
     eps, negative_slope = float(eps), float(negative_slope)
     args = (input, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked, residual,
-            code, negative_slope, save_output, inplace)
+            code, negative_slope, save_output, inplace, mask)
     if traced(input) or functorch_active():
         if inplace:  # traced: the out-of-place op, then a copy (save="output" keeps y, not x)
-            return input.copy_(BatchNormFunction.apply(*args[:-1], False)[0])
+            return input.copy_(BatchNormFunction.apply(*args[:-2], False, mask)[0])
         return BatchNormFunction.apply(*args)[0]
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)
@@ -127,7 +146,7 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     fused = dict(activation=code, negative_slope=negative_slope, residual=residual, out=input if inplace else None)
     if training:
         return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked,
-                                **fused)[0]
+                                mask=mask, **fused)[0]
     return bn_forward_eval(input, weight, bias, running_mean, running_var, eps, **fused)
 
 
@@ -135,7 +154,8 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
                activation: Optional[str] = None, negative_slope: float = 0.01,
-               residual: Optional[torch.Tensor] = None, save: str = "input", inplace: bool = False) -> torch.Tensor:
+               residual: Optional[torch.Tensor] = None, save: str = "input", inplace: bool = False,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.batch_norm`` computed by the Triton kernels.
 
     Same arguments, semantics and errors: batch statistics when ``training`` (running
@@ -151,16 +171,22 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
     ``save="output"``: the backward keeps y instead of x (invertible activations only; the
     scale becomes |weight| + eps, see the module docstring); ``inplace=True`` (needs
     save="output") writes y over the input's storage and returns it.
+
+    ``mask`` (keyword only; masked batch norm, mask.py): a bool tensor of the input's shape
+    without the feature axis (or broadcastable to it), True where a position counts. In
+    training the statistics and the running update are over the counted positions only; the
+    output is computed at every position. In eval it changes nothing.
     """
     if axis == 1 or input.dim() < 2:
         return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, False,
                            activation=activation, negative_slope=negative_slope, residual=residual, save=save,
-                           inplace=inplace)
+                           inplace=inplace, mask=mask)
     axis = feature_axis(axis, input.dim())
     # movedim is a view: the kernels see the features as dim 1 with whatever stride they have.
     if residual is not None and residual.dim() == input.dim():
         residual = residual.movedim(axis, 1)
+    # The mask's dims are the input's without the feature axis, in order: movedim keeps them so.
     y = _batch_norm(input.movedim(axis, 1), running_mean, running_var, weight, bias, training, momentum, eps,
                     activation=activation, negative_slope=negative_slope, residual=residual, save=save,
-                    inplace=inplace)
+                    inplace=inplace, mask=mask)
     return y.movedim(1, axis)

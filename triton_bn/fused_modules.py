@@ -59,7 +59,8 @@ def _activation_name(act_layer) -> Optional[str]:
 
 
 class _FusedForward:
-    """forward(x, residual=None) = act(BN(x) + residual); FX sees a call_module leaf."""
+    """forward(x, residual=None, mask=None) = act(BN(x) + residual), the batch statistics over
+    the positions ``mask`` counts (modules.py); FX sees a call_module leaf."""
 
     act_layer: Optional[str]
     negative_slope: float
@@ -78,9 +79,11 @@ class _FusedForward:
             raise ValueError("inplace=True needs save='output'")
         self.save, self.inplace = save, inplace
 
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if isinstance(input, Proxy):  # only a tracer makes Proxies: no private tracing flag to read
-            leaf = self._fx_leaf(input, *(() if residual is None else (residual,)))
+            leaf = self._fx_leaf(input, *(() if residual is None else (residual,)),
+                                 **({} if mask is None else {"mask": mask}))
             if leaf is not None:
                 return leaf
             input = _check_rank(input, self._RANKS)
@@ -88,7 +91,7 @@ class _FusedForward:
             self._check_input_dim(input)
         return _dropped(self, self._triton_forward(input, activation=self.act_layer,
                                                    negative_slope=self.negative_slope, residual=residual,
-                                                   save=self.save, inplace=self.inplace))
+                                                   save=self.save, inplace=self.inplace, mask=mask))
 
     def extra_repr(self) -> str:
         extra = f", act_layer={self.act_layer!r}"
@@ -197,7 +200,10 @@ class FrozenBatchNorm2d(nn.Module):
             frozen.running_var.copy_(bn.running_var)
         return frozen.to(bn.running_mean.device)
 
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask`` is accepted as the other layers accept it and, as in their eval mode, changes
+        nothing: a frozen layer normalizes with its running statistics."""
         input = _check_rank(input, (4,))
         return _dropped(self, _batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
                                           0.0, self.eps, activation=self.act_layer,

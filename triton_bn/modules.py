@@ -22,6 +22,8 @@ torch's would.
 """
 # No `from __future__ import annotations`: symbolic_trace copies forward's annotations into
 # the graph, and a string one makes a traced root layer's GraphModule unpicklable.
+from typing import Optional
+
 import torch
 import torch.fx
 from torch import nn
@@ -64,19 +66,22 @@ class _TritonBatchNorm:
     #: The input ranks ``_check_input_dim`` accepts, for a traced root layer (empty: any >= 2).
     _RANKS: tuple = ()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask`` (masked batch norm, triton_bn.mask): bool, the input's shape without the
+        channel axis (or broadcastable to it), True where a position counts in the training
+        statistics; the output covers every position, and eval ignores the mask."""
         if isinstance(input, Proxy):  # only a tracer makes Proxies: no private tracing flag to read
-            leaf = self._fx_leaf(input)
+            leaf = self._fx_leaf(input, **({} if mask is None else {"mask": mask}))
             if leaf is not None:
                 return leaf
             input = _check_rank(input, self._RANKS)  # the root: traced through, flags captured
         else:
             self._check_input_dim(input)
-        return self._triton_forward(input)
+        return self._triton_forward(input) if mask is None else self._triton_forward(input, mask=mask)
 
     def _triton_forward(self, input: torch.Tensor, **fused) -> torch.Tensor:
         """The batch norm of a checked input; ``fused``: batch_norm's fused keyword arguments
-        (activation, negative_slope, residual, save, inplace; fused_modules.py)."""
+        (activation, negative_slope, residual, save, inplace; fused_modules.py) and ``mask``."""
         momentum = 0.0 if self.momentum is None else self.momentum
         weight, bias, running_mean, running_var, counter = _members(self)
         training = self.training
@@ -89,13 +94,13 @@ class _TritonBatchNorm:
                            weight, bias, bn_training, momentum, self.eps, counter if counting else None,
                            self.momentum is None, **fused)
 
-    def _fx_leaf(self, input: Proxy, *extra):
+    def _fx_leaf(self, input: Proxy, *extra, **keywords):
         """Under ``torch.fx.symbolic_trace``: this layer's ``call_module`` node, as the default
         tracer emits for torch's own layers, or None when it is the root of the trace."""
         tracer = input.tracer
         path = tracer.path_of_module(self)
         if path:
-            return tracer.create_proxy("call_module", path, (input, *extra), {})
+            return tracer.create_proxy("call_module", path, (input, *extra), keywords)
         if isinstance(self, nn.SyncBatchNorm):
             # Whether it synchronizes is decided when it runs; a traced-through graph would
             # freeze that decision (torch's SyncBatchNorm cannot be traced as the root either).

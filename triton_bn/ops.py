@@ -6,14 +6,18 @@ mutations it makes declared in its schema:
 
     triton_bn::forward_train(x, weight?, bias?, running_mean(a!)?, running_var(b!)?,
                              num_batches_tracked(c!)?, momentum?, eps,
-                             activation=0, negative_slope=0.01, residual?=None)
-                             -> (y, save_mean, save_invstd)
+                             activation=0, negative_slope=0.01, residual?=None, mask?=None)
+                             -> (y, save_mean, save_invstd, count)
     triton_bn::forward_eval(x, weight?, bias?, running_mean, running_var, eps,
                             activation=0, negative_slope=0.01, residual?=None) -> y
     triton_bn::backward(dy, x, weight?, mean, stat, eps, training, output_mask, param_dtype,
                         bias?=None, activation=0, negative_slope=0.01, residual?=None,
-                        from_output=False)
+                        from_output=False, mask?=None, count?=None)
                              -> (dx, dweight, dbias, dresidual)   (a [0] tensor where not wanted)
+
+``mask`` (masked batch norm, mask.py: bool (N, *spatial), already checked and expanded): the
+training statistics count its positions only; ``count`` is then the [C] per-channel counts the
+forward returns (a [0] tensor without a mask), which the backward takes back.
 
 The fused epilogue (y = act(BN(x) + residual), activation codes of kernels/activation.py) is
 part of every schema, with defaults that give plain batch norm. ``output_mask`` has 3 or 4
@@ -55,16 +59,21 @@ def _stat_vector(x: Tensor) -> Tensor:
 def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
-                  activation: int = 0, negative_slope: float = 0.01,
-                  residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    return bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked,
-                            activation=activation, negative_slope=negative_slope, residual=residual)
+                  activation: int = 0, negative_slope: float = 0.01, residual: Optional[Tensor] = None,
+                  mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    out = bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked,
+                           activation=activation, negative_slope=negative_slope, residual=residual, mask=mask)
+    return out if mask is not None else (*out, _no_count(x))
 
 
 @forward_train.register_fake
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, activation=0,
-      negative_slope=0.01, residual=None):
-    return output_for(x), _stat_vector(x), _stat_vector(x)
+      negative_slope=0.01, residual=None, mask=None):
+    return output_for(x), _stat_vector(x), _stat_vector(x), _stat_vector(x) if mask is not None else _no_count(x)
+
+
+def _no_count(x: Tensor) -> Tensor:
+    return x.new_empty((0,), dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("triton_bn::forward_eval", mutates_args=())
@@ -84,17 +93,18 @@ def _(x, weight, bias, running_mean, running_var, eps, activation=0, negative_sl
 def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, stat: Tensor, eps: float,
              training: bool, output_mask: List[bool], param_dtype: torch.dtype, bias: Optional[Tensor] = None,
              activation: int = 0, negative_slope: float = 0.01, residual: Optional[Tensor] = None,
-             from_output: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    mask = tuple(output_mask) + (False,) * (4 - len(output_mask))
-    grads = bn_backward(dy, x, weight, mean, stat, eps, training, mask, param_dtype=param_dtype, bias=bias,
+             from_output: bool = False, mask: Optional[Tensor] = None,
+             count: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    needs = tuple(output_mask) + (False,) * (4 - len(output_mask))
+    grads = bn_backward(dy, x, weight, mean, stat, eps, training, needs, param_dtype=param_dtype, bias=bias,
                         activation=activation, negative_slope=negative_slope, residual=residual,
-                        from_output=from_output)
+                        from_output=from_output, mask=mask, count=count)
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @backward.register_fake
 def _(dy, x, weight, mean, stat, eps, training, output_mask, param_dtype, bias=None, activation=0,
-      negative_slope=0.01, residual=None, from_output=False):
+      negative_slope=0.01, residual=None, from_output=False, mask=None, count=None):
     need_dx, need_dw, need_db, need_dr = tuple(output_mask) + (False,) * (4 - len(output_mask))
     C = x.shape[1]
     # dresidual is allocated like dx (the launcher's output_for of the saved tensor).

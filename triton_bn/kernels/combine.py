@@ -122,7 +122,7 @@ def _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mea
             factor = 1.0 / (tl.load(num_batches_tracked_ptr) + COUNT_PENDING).to(acc_dtype)
         else:
             factor = _wide_scalar(momentum_hi, momentum_lo, acc_dtype)
-        unbiased_var = tl.where(count > 1, m2 / (count - 1.0), 0.0)
+        unbiased_var = tl.where(count > 1, m2 / tl.maximum(count - 1.0, 1.0), 0.0)
         old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask)
         old_var = tl.load(running_var_ptr + channels, mask=channel_mask)
         new_mean = (1.0 - factor) * old_mean.to(acc_dtype) + factor * mean
@@ -226,7 +226,8 @@ def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool, 
     """Grid and constexprs; INDEX_64 when the last field's offsets, 3 * field_stride + C, reach 2^31."""
     BLOCK_C = min(128, _next_power_of_2(C))
     return (cdiv(C, BLOCK_C),), dict(UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative,
-                                     WRITE_MOMENTS=return_moments, WRITE_COUNT=return_count, INDEX_64=not fits_int32(3 * field_stride + C),
+                                     WRITE_MOMENTS=return_moments, WRITE_COUNT=return_count,
+                                     INDEX_64=not fits_int32(3 * field_stride + C),
                                      BLOCK_P=32, BLOCK_C=BLOCK_C)
 
 

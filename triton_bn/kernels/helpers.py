@@ -188,7 +188,7 @@ def _first_counted(mask_ptr, N, Q, K, m_n_stride, m_q_stride, m_k_stride, x_n_st
     pivot: shifted by it, the sums of |mean| >> std data would lose their digits. The mask has no
     channel axis, so every program of every channel finds the same position and the pivots of a
     channel's splits still agree (combine.py). A bounded scan (_PIVOT_SCAN; no valid position in
-    it: position 0), 1 KiB of mask per step from L2, usually one step."""
+    it: position 0), 128 positions of the mask per step, from L2, usually one step."""
     if CHANNELS_LAST:  # rows (n, q) are the positions; the mask's stride along K (channels) is 0
         S = Q
         m_s_stride = m_q_stride
@@ -201,10 +201,10 @@ def _first_counted(mask_ptr, N, Q, K, m_n_stride, m_q_stride, m_k_stride, x_n_st
     first = total
     start = total * 0
     while (start < tl.minimum(total, _PIVOT_SCAN)) & (first == total):
-        idx = start + tl.arange(0, 1024)
+        idx = start + tl.arange(0, 128)
         counted = tl.load(mask_ptr + (idx // S) * m_n_stride + (idx % S) * m_s_stride, mask=idx < total, other=0)
         first = tl.min(tl.where(counted != 0, idx, total), 0)
-        start += 1024
+        start += 128
     first = tl.where(first == total, 0, first)
     return (first // S) * x_n_stride + (first % S) * x_s_stride
 

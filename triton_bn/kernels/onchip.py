@@ -351,7 +351,8 @@ def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch
                           HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
                           FROM_OUTPUT=from_output, FUSED=fused, WRITE_DX=need_dx, WRITE_DRESIDUAL=need_dr,
                           HAS_GRAD_WEIGHT=need_dw, HAS_GRAD_BIAS=need_db, CHANNELS_LAST=view.channels_last,
-                          ACC_DTYPE=tl_dtype(x.dtype), **addressing(view, dy_view, dx_view, r_view, mask if masked else None),
+                          ACC_DTYPE=tl_dtype(x.dtype),
+                          **addressing(view, dy_view, dx_view, r_view, mask if masked else None),
                           MASKED=masked, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps)
         return _grid(view.C, view.channels_last, block_k), args, constexprs, ()
     _BACKWARD.run(key, tensors, build)
