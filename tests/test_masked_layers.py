@@ -98,3 +98,15 @@ def test_torch_jit_trace_of_a_masked_call_records_torchs_ops(device):
     traced = torch.jit.trace(fn, (x, mask))
     assert "triton_bn::" not in str(traced.graph) and "prim::PythonOp" not in str(traced.graph)
     assert_close(traced(x, mask), fn(x, mask), torch.float32, "traced")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronization is a CUDA notion")
+def test_masked_training_never_syncs_with_the_host(device):
+    """Degenerate counts are decided on the device: a masked step (one sample counting nothing)
+    is CUDA-graph safe."""
+    from tests.reference import assert_no_host_sync
+    x, lengths, _ = _sequences(device, seed=36)
+    mask = triton_bn.lengths_to_mask(lengths * torch.tensor([1, 1, 0, 1], device=device), 12)
+    bn = triton_bn.BatchNorm1d(3, momentum=None).to(device)
+    leaf = x.clone().requires_grad_()
+    assert_no_host_sync(lambda: bn(leaf, mask).sum().backward())
