@@ -9,6 +9,11 @@ the implementations under test):
     y_eval = (x - rm) / sqrt(rv + eps) w + b
     db = sum dy;  dw = sum dy xhat;  dx = w invstd (dy - db/M - xhat dw/M)
 
+With a mask (issue 20; m = 1 where a position counts, 0 where not, M = sum m per channel) the
+statistics and the running update are over counted positions only, y and eval are unchanged,
+and so are db and dw (sums over ALL positions: y depends on every dy); dx is the exact gradient
+of that function: dx = w invstd (dy - m (db/M + xhat dw/M)).
+
 Tolerances are relative to max(1, max|reference|) and loose enough for any correct
 implementation (fp32 accumulation, output rounding) yet far below what a wrong one produces.
 """
@@ -64,13 +69,16 @@ def first_mismatch(pairs) -> Optional[str]:
 class Reference:
     """float64 results for one case's inputs, computed on first use and kept until ``clear``."""
 
-    def __init__(self, x, dy, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    def __init__(self, x, dy, weight, bias, running_mean, running_var, momentum: float, eps: float,
+                 mask: Optional[torch.Tensor] = None):
         self.x, self.dy = x, dy
         self.weight, self.bias = weight.double(), bias.double()
         self.running_mean, self.running_var = running_mean.double(), running_var.double()
         self.momentum, self.eps = momentum, eps
         self.dims = [d for d in range(x.dim()) if d != 1]
-        self.count = x.numel() // x.shape[1]
+        # mask (N, *spatial) bool -> m (N, 1, *spatial) of 0 / 1, broadcast over the channels
+        self.m = None if mask is None else mask.unsqueeze(1).double()
+        self.count = x.numel() // x.shape[1] if mask is None else int(mask.sum())
         self._stats = None
 
     def _per_channel(self, v: torch.Tensor) -> torch.Tensor:
@@ -79,8 +87,12 @@ class Reference:
     def stats(self):
         if self._stats is None:
             x64 = self.x.double()
-            mean = x64.mean(self.dims)
-            var = x64.var(self.dims, correction=0)
+            if self.m is None:
+                mean = x64.mean(self.dims)
+                var = x64.var(self.dims, correction=0)
+            else:
+                mean = (x64 * self.m).sum(self.dims) / self.count
+                var = ((x64 - self._per_channel(mean)).square() * self.m).sum(self.dims) / self.count
             self._stats = mean, var, (var + self.eps).rsqrt()
         return self._stats
 
@@ -116,6 +128,7 @@ class Reference:
         problem = first_mismatch([("dbias", dbias, db), ("dweight", dweight, dw)])
         if problem:
             return problem
+        correction = self._per_channel(db / self.count) + xhat * self._per_channel(dw / self.count)
         dx_ref = self._per_channel(self.weight * invstd) * (
-            dy64 - self._per_channel(db / self.count) - xhat * self._per_channel(dw / self.count))
+            dy64 - (correction if self.m is None else self.m * correction))
         return mismatch("dx", dx, dx_ref, self.x.dtype)

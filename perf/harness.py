@@ -6,6 +6,9 @@ ceiling at this size); then per implementation run each op once, compare with th
 config it chose, and only if the result is right, time it. A wrong result, an exception or an
 out-of-memory becomes a row with status 'error' and the reason; an implementation unavailable
 here becomes 'skipped' with the reason.
+
+A masked case (case.valid set) adds its mask (perf/masked.py) to the reference and runs each
+implementation's masked form (masked.for_mask); forward-eval, which no mask enters, is skipped.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import bytes_model, env
+from . import bytes_model, env, masked
 from .bytes_model import COPY, OPS, TORCH_DTYPE
 from .check import Reference
 from .impls import EPS, MOMENTUM
@@ -151,8 +154,8 @@ def measure_copy(x: torch.Tensor, timer: Callable) -> Outcome:
 def make_row(suite: str, case: Case, op: str, impl: str, outcome: Outcome, ceiling_gbps: float) -> dict:
     row = {"suite": suite, "sweep": case.sweep, "op": op, "impl": impl, "status": outcome.status,
            "shape": case.shape_str, "N": case.N, "C": case.C, "spatial": case.spatial, "numel": case.numel,
-           "dtype": case.dtype, "layout": case.layout, "layers": case.layers or None,
-           "unique_bytes": bytes_model.unique_bytes(op, case.numel, case.dtype),
+           "dtype": case.dtype, "layout": case.layout, "layers": case.layers or None, "valid": case.valid,
+           "unique_bytes": bytes_model.unique_bytes(op, case.numel, case.dtype, case.mask_numel),
            "config": outcome.config, "detail": outcome.detail}
     if outcome.timing is not None:
         t = outcome.timing
@@ -175,15 +178,25 @@ def _progress_line(impl: str, outcomes: dict) -> str:
     return f"    {impl:<14} " + " | ".join(parts)
 
 
+def measure_masked(impl, mask: torch.Tensor, inputs: Inputs, ref: Reference, ops, timer: Callable) -> dict:
+    """measure_impl of ``impl``'s masked form; forward-eval skipped (the mask does not enter it)."""
+    impl = masked.for_mask(impl, mask)
+    measured = measure_impl(impl, inputs, ref, [op for op in ops if op != "forward-eval"], timer)
+    reason = impl.unavailable() or masked.EVAL_SKIPPED
+    return {op: measured.get(op) or Outcome("skipped", reason) for op in ops}
+
+
 def measure_case(suite: str, case: Case, impls, ops, ceiling_gbps: float, device, timer=bench,
                  log=print) -> list:
     inputs = make_inputs(case, device)
-    ref = Reference(*inputs, momentum=MOMENTUM, eps=EPS)
+    mask = None if case.valid is None else masked.make_mask(case, device)
+    ref = Reference(*inputs, momentum=MOMENTUM, eps=EPS, mask=mask)
     copy = measure_copy(inputs.x, timer)
     rows = [make_row(suite, case, COPY, "copy", copy, ceiling_gbps)]
     log(_progress_line("copy", {COPY: copy}))
     for impl in impls:
-        outcomes = measure_impl(impl, inputs, ref, ops, timer)
+        outcomes = (measure_impl(impl, inputs, ref, ops, timer) if mask is None
+                    else measure_masked(impl, mask, inputs, ref, ops, timer))
         log(_progress_line(impl.name, outcomes))
         for op, outcome in outcomes.items():
             if outcome.status == "error":

@@ -1,4 +1,5 @@
-"""The CSV: one row per (op, impl, shape, dtype, layout), metadata in '# key: value' header lines.
+"""The CSV: one row per (op, impl, shape, dtype, layout[, valid fraction of a masked case]),
+metadata in '# key: value' header lines.
 
 Measuring writes it; plotting and the summary only read it, so both can be redone from a
 committed CSV on a machine without a GPU.
@@ -10,13 +11,13 @@ from pathlib import Path
 from typing import Optional
 
 COLUMNS = ("suite", "sweep", "op", "impl", "status", "shape", "N", "C", "spatial", "numel", "dtype",
-           "layout", "layers", "unique_bytes", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "pct_of_ceiling",
+           "layout", "layers", "valid", "unique_bytes", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "pct_of_ceiling",
            "gflops", "intensity", "speedup_vs_torch", "speedup_vs_torch_native",
            "speedup_vs_torch_compile", "config", "detail")
 INT_COLUMNS = ("N", "C", "spatial", "numel", "layers", "unique_bytes")
 # Added after the first CSVs were written; read as empty when absent.
-OPTIONAL_COLUMNS = ("layers",)
-FLOAT_COLUMNS = ("time_ms", "time_p20_ms", "time_p80_ms", "gbps", "pct_of_ceiling", "gflops", "intensity",
+OPTIONAL_COLUMNS = ("layers", "valid")
+FLOAT_COLUMNS = ("valid", "time_ms", "time_p20_ms", "time_p80_ms", "gbps", "pct_of_ceiling", "gflops", "intensity",
                  "speedup_vs_torch", "speedup_vs_torch_native", "speedup_vs_torch_compile")
 HEADER_KEYS = ("label", "mode", "device", "driver", "torch", "triton", "cuda", "python", "date", "suite",
                "copy_ceiling_gbps", "peak_fp32_gflops", "peak_source")
@@ -38,7 +39,7 @@ def add_speedups(rows: list) -> None:
 
 
 def _case_op_key(row: dict) -> tuple:
-    return (row["sweep"], row["shape"], row["dtype"], row["layout"], row["op"])
+    return (row["sweep"], row["shape"], row["dtype"], row["layout"], row.get("valid"), row["op"])
 
 
 def _format(value) -> str:

@@ -150,7 +150,7 @@ def cpu_check_lines(rows) -> list:
     against native torch are not a measurement of anything the goals are about, and a table
     of 0.00x ratios reads as a failure."""
     ours = _ours(rows)
-    cases = {(r["op"], r["shape"], r["dtype"], r["layout"]) for r in ours}
+    cases = {(r["op"], r["shape"], r["dtype"], r["layout"], r.get("valid")) for r in ours}
     baselines = sorted({r["impl"] for r in rows if r["status"] == "ok" and r["impl"] not in ("triton_bn", "copy")})
     return [
         "what this CPU run checked (no speed is scored here):",
