@@ -70,20 +70,22 @@ class _Replay:
             self.like = [(t.shape, t.stride(), None if t.dtype == first.dtype else t.dtype) for t in recording.fresh]
         self.scratch = [get for _, get in recording.scratch]
         table = [*recording.arguments, *recording.fresh, *(t for t, _ in recording.scratch)]
-        self.steps = []
+        # Every step's recorded scalars, and None (a None result), are appended to the table
+        # once per call: each launch's argument list is then one itemgetter over the table.
+        self.constants, self.steps = [None], []
         for plan, tensors in recording.steps:
             sources = iter([_index(table, t) for t in tensors])
-            picks, constants = [], []
+            picks = []
             for i, value in enumerate(plan.template):
                 if i in plan.slots:
                     picks.append(next(sources))
-                else:  # after the table, in the constants appended to it
-                    picks.append(len(table) + len(constants))
-                    constants.append(value)
-            self.steps.append((plan, _getter(picks), constants))
+                else:
+                    picks.append(len(table) + len(self.constants))
+                    self.constants.append(value)
+            self.steps.append((plan, _getter(picks)))
         self.tuple_result = isinstance(result, tuple)
-        self.result = tuple(None if t is None else _index(table, t)
-                            for t in (result if self.tuple_result else (result,)))
+        self.result = _getter([len(table) if t is None else _index(table, t)
+                               for t in (result if self.tuple_result else (result,))])
 
     def __call__(self, args: tuple, kwargs: dict, device):
         table = list(self.positions(args))
@@ -99,9 +101,10 @@ class _Replay:
         stream = current_stream(device)
         for get in self.scratch:
             table.append(get(stream))
-        for plan, pick, constants in self.steps:
-            plan.launch(stream, pick(table + constants))
-        result = tuple([None if i is None else table[i] for i in self.result])
+        table += self.constants
+        for plan, pick in self.steps:
+            plan.launch(stream, pick(table))
+        result = self.result(table)
         return result if self.tuple_result else result[0]
 
 
