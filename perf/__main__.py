@@ -41,6 +41,8 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--ops", type=_csv_list, default=None, help=f"comma list of {','.join(OPS)}")
     run.add_argument("--dtypes", type=_csv_list, default=None, help="comma list of float32,float16,bfloat16")
     run.add_argument("--layouts", type=_csv_list, default=None, help="comma list of nchw,channels_last,nc")
+    run.add_argument("--sweeps", type=_csv_list, default=None,
+                     help="comma list of the suite's sweeps to run (resnet50,size,channels,bn1d,masked; default: all)")
     run.add_argument("--warmup-ms", type=int, default=10, help="do_bench warm-up per timing (GPU)")
     run.add_argument("--rep-ms", type=int, default=50, help="do_bench repetition time per timing (GPU)")
     run.add_argument("--no-plots", action="store_true", help="CSV and summary only")
@@ -85,7 +87,10 @@ def command_run(args) -> int:
     from .timing import bench, copy_ceiling_gbps
 
     suite = resolve_suite(args.suite)
-    cases = suite_cases(suite, args.dtypes, args.layouts)
+    try:
+        cases = suite_cases(suite, args.dtypes, args.layouts, args.sweeps)
+    except KeyError as error:
+        raise SystemExit(error.args[0]) from None
     ops = tuple(args.ops or OPS)
     unknown = [op for op in ops if op not in OPS]
     if unknown:

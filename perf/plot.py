@@ -3,6 +3,8 @@
 Per dtype, one panel per (op, layout):
   <stem>-bandwidth-<sweep>-<dtype>.png  effective GB/s against the sweep's variable, a line per
                                         implementation, the copy of the same bytes dashed
+                                        (masked: against the valid fraction, a line
+                                        style per shape; torch = the torch composition)
   <stem>-speedup-resnet50-<dtype>.png   triton_bn's speedup over each torch variant per
                                         ResNet-50 shape, its layer-weighted geomean dashed
   <stem>-roofline-<dtype>.png           achieved GFLOP/s vs FLOPs per unique byte, with the
@@ -27,7 +29,11 @@ from .summary import geomean
 IMPL_STYLE = {"triton_bn": ("tab:red", "o"), "torch": ("tab:blue", "s"), "torch_native": ("tab:green", "^"),
               "torch_compile": ("tab:purple", "D")}
 SWEEP_AXIS = {"channels": ("C", "channels C"), "bn1d": ("N", "rows N (BatchNorm1d input N x C)"),
-              "resnet50": ("chw", "ResNet-50 BN input C x H x W (layers with that shape)")}
+              "resnet50": ("chw", "ResNet-50 BN input C x H x W (layers with that shape)"),
+              "masked": ("valid", "valid fraction of the positions (mask; masked BatchNorm1d N x C x L)")}
+# Sweeps drawn with a line per value of a column (as line styles): its name and legend label.
+LINE_GROUPS = {"resnet50": ("N", "batch {}"), "masked": ("shape", "{}")}
+LINEAR_X = ("masked",)  # fractions in (0, 1]: a linear axis
 DEFAULT_AXIS = ("input_mb", "input size (MB, one tensor)")
 BATCH_STYLES = ("-", "--", ":", "-.")
 NOT_A_MEASUREMENT = "not a measurement: interpreted triton_bn vs native torch"
@@ -86,10 +92,11 @@ def _tick_text(v: float) -> str:
     return str(int(v)) if v == int(v) else f"{v:.3g}"
 
 
-def _numeric_axis(ax, xs, plt) -> None:
-    """A log axis whose ticks are exactly the measured values, written plainly (3, 64, 4096)."""
+def _numeric_axis(ax, xs, plt, log: bool = True) -> None:
+    """A log (or linear) axis whose ticks are exactly the measured values, written plainly (3, 64, 4096)."""
     ticker = plt.matplotlib.ticker
-    ax.set_xscale("log")
+    if log:
+        ax.set_xscale("log")
     values = sorted(set(xs))
     ax.xaxis.set_major_locator(ticker.FixedLocator(values))
     ax.xaxis.set_major_formatter(ticker.FixedFormatter([_tick_text(v) for v in values]))
@@ -98,6 +105,9 @@ def _numeric_axis(ax, xs, plt) -> None:
         ax.tick_params(axis="x", labelrotation=45)
     if len(values) == 1:
         ax.set_xlim(values[0] / 2, values[0] * 2)
+    elif not log:
+        margin = 0.05 * (values[-1] - values[0])
+        ax.set_xlim(values[0] - margin, values[-1] + margin)
 
 
 def _y_scale(ax, values, cpu: bool) -> None:
@@ -110,14 +120,14 @@ def _y_scale(ax, values, cpu: bool) -> None:
         ax.set_ylim(0, 1.08 * max(values))
 
 
-def _legend(fig, plt, entries: list, batches: list) -> None:
+def _legend(fig, plt, entries: list, styles: list) -> None:
     """One legend for the figure, below the panels: a line per series (colour and marker),
-    then the batch sizes as line styles when there are several."""
+    then the line styles' labels (batch sizes, shapes) when there are several."""
     line = plt.matplotlib.lines.Line2D
     handles = [line([], [], **style, label=label) for label, style in entries]
-    if len(batches) > 1:
-        handles += [line([], [], color="0.4", ls=BATCH_STYLES[i % len(BATCH_STYLES)], label=f"batch {b}")
-                    for i, b in enumerate(batches)]
+    if len(styles) > 1:
+        handles += [line([], [], color="0.4", ls=BATCH_STYLES[i % len(BATCH_STYLES)], label=label)
+                    for i, label in enumerate(styles)]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8)
 
 
@@ -169,7 +179,8 @@ def plot_bandwidth(meta, rows, sweep: str, dtype: str, path: Path, plt) -> Path:
     cpu = is_cpu_run(meta)
     value = (lambda r: r["time_ms"]) if cpu else (lambda r: r["gbps"])
     ceiling = None if cpu else meta_float(meta, "copy_ceiling_gbps")
-    batches = _batches(sel) if sweep == "resnet50" else [None]
+    group_key, group_label = LINE_GROUPS.get(sweep, (None, ""))
+    groups = sorted({r[group_key] for r in sel}) if group_key else [None]
     series = {impl: dict(color=IMPL_STYLE[impl][0], marker=IMPL_STYLE[impl][1], ms=4) for impl in impls}
     series[COPY] = dict(color="black", lw=1, alpha=0.7)
     series["ceiling"] = dict(color="gray", ls=":", lw=1)
@@ -181,9 +192,9 @@ def plot_bandwidth(meta, rows, sweep: str, dtype: str, path: Path, plt) -> Path:
             position = _categorical_axis(ax, here, plt) if sweep == "resnet50" else None
             place = (lambda r: position[_x(r, sweep)]) if position else (lambda r: _x(r, sweep))
             plotted = []
-            for bi, batch in enumerate(batches):
-                style = BATCH_STYLES[bi % len(BATCH_STYLES)]
-                mine = [r for r in here if batch is None or r["N"] == batch]
+            for gi, group in enumerate(groups):
+                style = BATCH_STYLES[gi % len(BATCH_STYLES)]
+                mine = [r for r in here if group is None or r[group_key] == group]
                 for impl in impls + [COPY]:
                     pts = sorted((place(r), value(r)) for r in mine
                                  if r["impl"] == impl and r["op"] == (COPY if impl == COPY else op))
@@ -191,7 +202,7 @@ def plot_bandwidth(meta, rows, sweep: str, dtype: str, path: Path, plt) -> Path:
                         plotted += [v for _, v in pts]
                         ax.plot(*zip(*pts), ls=style, **series[impl])
             if position is None:
-                _numeric_axis(ax, [_x(r, sweep) for r in here], plt)
+                _numeric_axis(ax, [_x(r, sweep) for r in here], plt, log=sweep not in LINEAR_X)
             if ceiling:
                 ax.axhline(ceiling, **series["ceiling"])
                 plotted.append(ceiling)
@@ -205,7 +216,7 @@ def plot_bandwidth(meta, rows, sweep: str, dtype: str, path: Path, plt) -> Path:
               "ceiling": f"copy ceiling {ceiling or 0:.4g} GB/s"}
     _legend(fig, plt, [(labels.get(k, k), {k2: v for k2, v in style.items() if k2 != "ls"})
                        for k, style in series.items() if k in impls + [COPY] or (k == "ceiling" and ceiling)],
-            batches if batches != [None] else [])
+            [group_label.format(g) for g in groups if g is not None])
     what = (f"Time per call, {sweep} sweep (interpreter: not bandwidth)" if cpu
             else f"Effective bandwidth, {sweep} sweep")
     return _finish(fig, path, meta, what, dtype, plt)
@@ -251,7 +262,7 @@ def plot_speedup(meta, rows, dtype: str, path: Path, plt) -> Path:
     entries = [(f"vs {b}" + (" (time ratio, not a measurement)" if cpu else ""), series[b]) for b in baselines]
     if not cpu:
         entries.append(("geomean over layers (thick)", dict(color="0.5", lw=3, alpha=0.3)))
-    _legend(fig, plt, entries, batches)
+    _legend(fig, plt, entries, [f"batch {b}" for b in batches])
     what = ("Time ratios on ResNet-50 stand-ins: NOT speed-ups (interpreter)" if cpu else
             "triton_bn speedup on ResNet-50 BatchNorm shapes (>1: faster than the baseline)")
     return _finish(fig, path, meta, what, dtype, plt)

@@ -178,12 +178,18 @@ SUITES = {
 }
 
 
-def suite_cases(name: str, dtypes=None, layouts=None) -> list:
-    """The suite's cases, optionally restricted to some dtypes / layouts (duplicates dropped)."""
+def suite_cases(name: str, dtypes=None, layouts=None, sweeps=None) -> list:
+    """The suite's cases, optionally restricted to some dtypes / layouts / sweeps (duplicates dropped)."""
     if name not in SUITES:
         raise KeyError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    known = list(dict.fromkeys(sweep.name for sweep in SUITES[name]))
+    unknown = [s for s in sweeps or () if s not in known]
+    if unknown:
+        raise KeyError(f"suite {name!r} has no sweep(s) {unknown}; its sweeps: {', '.join(known)}")
     cases = []
     for sweep in SUITES[name]:
+        if sweeps and sweep.name not in sweeps:
+            continue
         for case in sweep.cases():
             if (dtypes and case.dtype not in dtypes) or (layouts and case.layout not in layouts):
                 continue

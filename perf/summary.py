@@ -6,6 +6,9 @@ Goals (from the issues), on ResNet-50's BatchNorm shapes only:
      weighs as many times as layers have that shape (resnet50_layers; the CSV's ``layers``).
 The size, channel and BatchNorm1d sweeps are reported each in its own table, never mixed into
 the goal: C = 3 with a huge spatial extent is where torch is weakest, and would flatter it.
+The masked sweep (issue 20) has no torch kernel to beat: its 'torch' and 'torch_compile' rows
+are the torch composition a user writes (perf/masked.py), and a table of its own gives
+triton_bn's speedup over it per valid fraction.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from .results import SPEEDUP_BASELINES, is_cpu_run
 
 ERRORS_LISTED = 12
 GOAL_SWEEP = "resnet50"
-SWEEP_ORDER = (GOAL_SWEEP, "size", "channels", "bn1d")
+MASKED_SWEEP = "masked"
+SWEEP_ORDER = (GOAL_SWEEP, "size", "channels", "bn1d", MASKED_SWEEP)
 
 
 def geomean(values, weights=None) -> float:
@@ -113,10 +117,35 @@ def sweep_lines(rows) -> list:
         # A CSV without layer counts (written before they existed) gets plain geomeans.
         weighted = sweep == GOAL_SWEEP and any(r.get("layers") for r in _ours(rows, sweep))
         how = "geomean over layers (shapes weighted by layer count)" if weighted else "plain geomean over shapes"
+        against = "; vs torch / torch_compile: the torch composition" if sweep == MASKED_SWEEP else ""
         lines += [f"sweep {sweep}: triton_bn's speedup, {how}"
-                  + ("" if weighted else " (not in the goals)"),
+                  + ("" if weighted else f" (not in the goals{against})"),
                   *speedup_table(_ours(rows, sweep), weighted), ""]
     return lines
+
+
+def masked_lines(rows) -> list:
+    """triton_bn's speedup over the torch composition per valid fraction, 'eager / compiled':
+    the geomean over the masked shapes of the composition's time / triton_bn's."""
+    ours = _ours(rows, MASKED_SWEEP)
+    fractions = sorted({r["valid"] for r in ours if r.get("valid") is not None})
+    if not fractions:
+        return []
+    groups = defaultdict(list)
+    for r in ours:
+        groups[(r["op"], r["dtype"], r["layout"])].append(r)
+    order = {op: i for i, op in enumerate(OPS)}
+    lines = ["masked: triton_bn's speedup over the torch composition per valid fraction, eager / torch.compile "
+             "(geomean over shapes)",
+             f"{'op':<14}{'dtype':<10}{'layout':<14}" + "".join(f"{f'{v:.0%} valid':>16}" for v in fractions)]
+    for (op, dtype, layout), group in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1:])):
+        cells = []
+        for v in fractions:
+            at = [r for r in group if r.get("valid") == v]
+            eager, compiled = (geomean([r[f"speedup_vs_{b}"] for r in at]) for b in ("torch", "torch_compile"))
+            cells.append(f"{_fmt(eager)} / {_fmt(compiled)}" if at else "")
+        lines.append(f"{op:<14}{dtype:<10}{layout:<14}" + "".join(f"{c:>16}" for c in cells))
+    return lines + [""]
 
 
 def problem_lines(rows) -> list:
@@ -140,7 +169,7 @@ def summarize(meta: dict, rows: list) -> str:
         f"(driver {meta.get('driver')}, torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('date')})",
         f"copy ceiling: {meta.get('copy_ceiling_gbps') or '?'} GB/s; speedup = torch variant's median time / "
         f"triton_bn's; '% ceiling' = effective GB/s / copy ceiling; 'best 3-pass' = that share at copy speed", ""]
-    scored = cpu_check_lines(rows) if cpu else [*goal_lines(rows), "", *sweep_lines(rows)]
+    scored = cpu_check_lines(rows) if cpu else [*goal_lines(rows), "", *sweep_lines(rows), *masked_lines(rows)]
     lines += [*scored, *problem_lines(rows)]
     return "\n".join(lines + banner) + "\n"
 
