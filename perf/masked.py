@@ -54,14 +54,16 @@ def make_mask(case, device, seed: int = 0) -> torch.Tensor:
 
 def masked_batch_norm_train(x, mask, weight, bias, running_mean, running_var, momentum: float = MOMENTUM,
                             eps: float = EPS):
-    """The torch composition: (y in x's dtype, mean, invstd) with mean / invstd float32 of shape
-    (1, C, 1, ...); the running statistics updated in place. Differentiable in x, weight, bias."""
+    """The torch composition: (y in x's dtype, mean, invstd) with mean / invstd float32 (float64
+    for float64 x) of shape (1, C, 1, ...); the running statistics updated in place.
+    Differentiable in x, weight, bias."""
     m = mask.unsqueeze(1)  # (N, 1, *spatial): broadcast over the channels
     dims = [0, *range(2, x.dim())]
     count = m.sum(dims, keepdim=True)
-    # Sums in float32: half precision would lose the small frames' contributions at M ~ 10^4.
-    mean = torch.where(m, x, 0).sum(dims, keepdim=True, dtype=torch.float32) / count
-    centered = x.float() - mean
+    # Sums in (at least) float32: half precision would lose small terms among M ~ 10^5 of them.
+    acc = torch.promote_types(x.dtype, torch.float32)
+    mean = torch.where(m, x, 0).sum(dims, keepdim=True, dtype=acc) / count
+    centered = x.to(acc) - mean
     var = torch.where(m, centered.square(), 0).sum(dims, keepdim=True) / count
     invstd = torch.rsqrt(var + eps)
     y = centered * invstd * weight.view(mean.shape) + bias.view(mean.shape)

@@ -85,7 +85,7 @@ def test_suites_cover_the_issue_sweeps():
     default = [c for c in suite_cases("default") if c.sweep == "resnet50"]
     assert {c.shape for c in default} == resnet, "the default suite covers every shape at batch 64 and 256"
     assert all(c.layers == LAYER_COUNT[c.shape[1:]] for c in default)
-    assert {c.sweep for c in suite_cases("default")} == {"resnet50", "size", "channels", "bn1d"}
+    assert {c.sweep for c in suite_cases("default")} == {"resnet50", "size", "channels", "bn1d", "masked"}
     assert all(c.layers == 0 for c in full if c.sweep != "resnet50"), "only ResNet-50 shapes carry a weight"
     tiny = [c for c in suite_cases("tiny") if c.sweep == "resnet50"]
     assert tiny and all(c.layers == LAYER_COUNT[TINY_RESNET50[c.shape]] for c in tiny)
@@ -359,7 +359,8 @@ def test_gpu_csv_draws_bandwidth_and_speedups(tmp_path):
     pngs = plot_csv(write_csv(tmp_path / "quick-synthetic.csv", meta, rows), tmp_path)
     names = sorted(p.name for p in pngs)
     assert names == sorted(f"quick-synthetic-{kind}-float16.png" for kind in (
-        "bandwidth-resnet50", "bandwidth-channels", "bandwidth-bn1d", "speedup-resnet50", "roofline"))
+        "bandwidth-resnet50", "bandwidth-channels", "bandwidth-bn1d", "bandwidth-masked", "speedup-resnet50",
+        "roofline"))
     for path in pngs:
         title = _png_text(path)["Title"]
         assert env.CPU_LABEL not in title and "synthetic" in title
