@@ -12,6 +12,8 @@ run (the default) measures a suite into ``<out>/<suite>-<gpu>.csv``, then writes
 (``...-summary.txt``, also printed) and the PNGs from that CSV. Without CUDA it runs the ``tiny``
 suite through the Triton interpreter and every output name contains 'cpu-interpreter'.
 Exit status 1 when any row is an error (a wrong result or a failure), after writing everything.
+``--sweeps`` runs some of the suite's sweeps, e.g. ``python -m perf --sweeps masked`` the masked
+batch norm cases (issue 20) against the torch composition a user writes today.
 """
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ No autograd engine in the timed calls: each implementation is called at the leve
 its kernels (triton_bn's layer-1 launchers; torch's aten op behind F.batch_norm and its
 backward; Inductor's compiled graphs of the same ops), so the numbers compare kernels plus the
 launch path a training step pays, not Python autograd bookkeeping.
+
+Masked cases (issue 20) run each implementation's masked form instead (perf/masked.py,
+``for_mask``): torch has no masked kernel, so there 'torch' and 'torch_compile' are a torch
+composition, differentiated by the autograd engine (the one exception to the rule above).
 """
 from __future__ import annotations
 

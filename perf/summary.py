@@ -68,7 +68,8 @@ def speedup_table(rows, weighted: bool = False) -> list:
         median_pct = pcts[len(pcts) // 2] if pcts else None
         vs_torch = [r for r in group if r["speedup_vs_torch"]]
         worst = min(vs_torch, key=lambda r: r["speedup_vs_torch"]) if vs_torch else None
-        worst_text = f"{worst['shape']} ({worst['speedup_vs_torch']:.2f}x)" if worst else "-"
+        valid = f" {worst['valid']:.0%} valid" if worst and worst.get("valid") is not None else ""
+        worst_text = f"{worst['shape']}{valid} ({worst['speedup_vs_torch']:.2f}x)" if worst else "-"
         lines.append(f"{op:<14}{dtype:<10}{layout:<14}{len(group):>6}" + "".join(f"{_fmt(m):>18}" for m in means)
                      + f"{_pct(median_pct):>17}{100 * best_share_of_copy(op):>11.0f}%   {worst_text}")
     return lines
