@@ -7,6 +7,8 @@ Per dtype, one panel per (op, layout):
                                         style per shape; torch = the torch composition)
   <stem>-speedup-resnet50-<dtype>.png   triton_bn's speedup over each torch variant per
                                         ResNet-50 shape, its layer-weighted geomean dashed
+  <stem>-speedup-masked-<dtype>.png     triton_bn's speedup over the torch composition (eager,
+                                        compiled) against the valid fraction, per shape
   <stem>-roofline-<dtype>.png           achieved GFLOP/s vs FLOPs per unique byte, with the
                                         measured copy bandwidth and the fp32 peak as ceilings
 The x ticks are the measured points: ResNet-50 shapes by name (with their layer counts, in
@@ -268,6 +270,41 @@ def plot_speedup(meta, rows, dtype: str, path: Path, plt) -> Path:
     return _finish(fig, path, meta, what, dtype, plt)
 
 
+def plot_masked_speedup(meta, rows, dtype: str, path: Path, plt) -> Path:
+    """triton_bn's speedup over the torch composition (eager and compiled) against the valid
+    fraction: a line per (baseline, shape), 1.0 marked. Not drawn from a CPU run (time ratios
+    of the interpreter mean nothing; the summary says what that run checked)."""
+    sel = [r for r in rows if r["sweep"] == "masked" and r["dtype"] == dtype and r["impl"] == "triton_bn"
+           and r["status"] == "ok"]
+    layouts = sorted({r["layout"] for r in sel})
+    ops = [op for op in OPS if any(r["op"] == op for r in sel)]
+    baselines = [b for b in SPEEDUP_BASELINES if any(r.get(f"speedup_vs_{b}") for r in sel)]
+    shapes = sorted({r["shape"] for r in sel})
+    if not baselines:
+        return None
+    series = {b: dict(color=IMPL_STYLE[b][0], marker="o", ms=4) for b in baselines}
+    fig, axes = _grid(plt, ops, layouts, 5.2)
+    for layout in layouts:
+        for op in ops:
+            ax = axes[(op, layout)]
+            here = [r for r in sel if r["op"] == op and r["layout"] == layout]
+            for baseline in baselines:
+                for si, shape in enumerate(shapes):
+                    pts = sorted((r["valid"], r[f"speedup_vs_{baseline}"]) for r in here
+                                 if r["shape"] == shape and r[f"speedup_vs_{baseline}"])
+                    if pts:
+                        ax.plot(*zip(*pts), ls=BATCH_STYLES[si % len(BATCH_STYLES)], **series[baseline])
+            _numeric_axis(ax, [r["valid"] for r in here], plt, log=False)
+            ax.axhline(1.0, color="black", lw=1)
+            ax.set_title(f"{op}, {layout}", fontsize=10)
+            ax.set_ylabel("speedup of triton_bn (x)", fontsize=8)
+            ax.set_xlabel(SWEEP_AXIS["masked"][1], fontsize=8)
+            ax.grid(alpha=0.3)
+    _legend(fig, plt, [(f"vs {b} (the torch composition)", series[b]) for b in baselines], shapes)
+    return _finish(fig, path, meta, "triton_bn speedup on masked batch norm over the torch composition "
+                   "(>1: faster)", dtype, plt)
+
+
 def plot_roofline(meta, rows, dtype: str, path: Path, plt) -> Path:
     """One panel per op (their intensities nearly coincide), both ceilings in each."""
     sel = [r for r in rows if r["dtype"] == dtype and r["status"] == "ok" and r["op"] != COPY and r["gflops"]]
@@ -331,6 +368,8 @@ def plot_csv(csv_path, out_dir=None) -> list:
             written.append(plot_bandwidth(meta, rows, sweep, dtype, path, plt))
         if any(r["sweep"] == "resnet50" and r["impl"] == "triton_bn" and r["dtype"] == dtype for r in ok):
             written.append(plot_speedup(meta, rows, dtype, out_dir / f"{stem}-speedup-resnet50-{dtype}.png", plt))
+        if not is_cpu_run(meta) and any(r["sweep"] == "masked" and r["dtype"] == dtype for r in ok):
+            written.append(plot_masked_speedup(meta, rows, dtype, out_dir / f"{stem}-speedup-masked-{dtype}.png", plt))
         if any(r["op"] != COPY and r["dtype"] == dtype for r in ok):
             written.append(plot_roofline(meta, rows, dtype, out_dir / f"{stem}-roofline-{dtype}.png", plt))
     return [p for p in written if p is not None]

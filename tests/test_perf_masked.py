@@ -174,7 +174,8 @@ def test_gpu_csv_of_the_masked_sweep_plots(tmp_path):
     from perf.plot import plot_csv
     meta = {"mode": "gpu", "device": "synthetic", "suite": "default", "copy_ceiling_gbps": "3000"}
     pngs = plot_csv(write_csv(tmp_path / "m.csv", meta, _synthetic_masked_rows()), tmp_path)
-    assert sorted(p.name for p in pngs) == ["m-bandwidth-masked-float16.png", "m-roofline-float16.png"]
+    assert sorted(p.name for p in pngs) == [f"m-{kind}-float16.png" for kind in (
+        "bandwidth-masked", "roofline", "speedup-masked")]
 
 
 def test_python_m_perf_runs_the_tiny_masked_sweep(tmp_path, capsys):
