@@ -12,8 +12,7 @@ from typing import Optional
 
 COLUMNS = ("suite", "sweep", "op", "impl", "status", "shape", "N", "C", "spatial", "numel", "dtype",
            "layout", "layers", "valid", "unique_bytes", "time_ms", "time_p20_ms", "time_p80_ms", "gbps",
-           "pct_of_ceiling",
-           "gflops", "intensity", "speedup_vs_torch", "speedup_vs_torch_native",
+           "pct_of_ceiling", "gflops", "intensity", "speedup_vs_torch", "speedup_vs_torch_native",
            "speedup_vs_torch_compile", "config", "detail")
 INT_COLUMNS = ("N", "C", "spatial", "numel", "layers", "unique_bytes")
 # Added after the first CSVs were written; read as empty when absent.
