@@ -178,3 +178,35 @@ def test_other_calls_take_the_general_path(device):
     triton_bn.batch_norm(x, None, None, training=True, activation="leaky_relu", save="output")
     assert list(eager._CALLS.values()) == [eager._GENERAL]
     assert_close(strided, 0.1 * x.double().mean((0, 2)), torch.float32, "strided running_mean")
+
+
+def test_a_plain_module_call_goes_straight_to_the_fast_path(device, monkeypatch):
+    """From the layer's forward to eager.run, not through functional._batch_norm (a frame
+    with its own argument tests, ~0.5 us); a masked call still takes the general path. A layer
+    whose track_running_stats was turned off after construction keeps its buffers: training
+    normalizes with the batch and leaves them alone, eval reads them (torch's rule)."""
+    from triton_bn import modules
+    layer = triton_bn.BatchNorm2d(5, device=device)
+    x = random_input((2, 5, 3, 3), torch.float32, device, seed=12, mean=3.0)
+    general = []
+    original = modules._batch_norm
+    monkeypatch.setattr(modules, "_batch_norm", lambda *a, **k: general.append(k) or original(*a, **k))
+    for training in (True, False, True):
+        layer.train(training)
+        layer(x)
+    assert general == []
+    layer.track_running_stats = False
+    before = layer.running_mean.clone(), layer.running_var.clone(), int(layer.num_batches_tracked)
+    y = layer(x)
+    ref_y = reference_batch_norm(x, None, None, layer.weight, layer.bias, True, 0.1, 1e-5)[0]
+    assert_close(y, ref_y, torch.float32, "batch statistics, no running update")
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert int(layer.num_batches_tracked) == before[2]
+    layer.eval()
+    ref_y = reference_batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.1,
+                                 1e-5)[0]
+    assert_close(layer(x), ref_y, torch.float32, "eval: the running statistics")
+    assert general == []
+    layer.train()
+    layer(x, mask=torch.ones(2, 3, 3, dtype=torch.bool, device=device))
+    assert len(general) == 1 and "mask" in general[0]

@@ -20,7 +20,7 @@ not computed again. A call then costs the signature, one dict lookup, the autogr
 something needs a gradient, the allocations and the launches.
 
 Anything else (a traced call, save="output" or in place, strided vectors, an empty input, a
-device without kernels) gets ``None`` from ``prepared`` and takes functional.py's general
+device without kernels) gets ``None`` from ``run`` and takes functional.py's general
 path, which makes the same checks and launches the same kernels.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .kernels.tuning import cpu_kernels
 _CALLS: dict = {}
 _MAX_CALLS = 4096  # signatures differ by value in momentum and eps: a schedule must not grow this forever
 _GENERAL = object()  # a signature functional.py's general path serves
+_jit_tracing = torch._C._is_tracing
 
 
 def uses_kernels(x: torch.Tensor) -> bool:
@@ -53,20 +54,28 @@ def computes(input: torch.Tensor) -> bool:
     return input.dim() >= 2 and input.numel() > 0 and uses_kernels(input) and not torch.jit.is_tracing()
 
 
-def _vector(t: Optional[torch.Tensor]):
-    return None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
-
-
-def prepared(input, running_mean, running_var, weight, bias, training, momentum, eps, counter, cumulative_average,
-             activation=None, negative_slope=0.01, residual=None) -> Optional["_Call"]:
-    """The checked call of this signature (checking it, and raising torch's error, the first
-    time), or None when the general path must serve it. The caller passes save="input",
-    inplace=False, and a float ``negative_slope`` and str-or-None ``activation`` (hashable)."""
-    if traced(input) or functorch_active() or torch.jit.is_tracing():  # (computes: torch.jit)
+def run(input, running_mean, running_var, weight, bias, training, momentum, eps, counter, cumulative_average,
+        activation=None, negative_slope=0.01, residual=None) -> Optional[torch.Tensor]:
+    """The batch norm, launched from the recordings of this call's signature (checked, and
+    raising torch's error, the first time), or None when the general path must serve it. The
+    caller passes save="input", inplace=False, no mask, and a float ``negative_slope`` and
+    str-or-None ``activation`` (hashable). One function from the signature to the launcher:
+    each Python frame between a module's forward and the replay is ~0.2 us a call."""
+    # torch.jit's tracer (computes): its C++ flag, which torch.jit.is_tracing reads after a
+    # scripting test; torch.compile never gets this far (traced).
+    if traced(input) or functorch_active() or _jit_tracing():
         return None
+    # Each vector's (dtype, device, shape, strides, alignment) written out: a helper function
+    # per vector was ~0.1 us a call, 5 calls per signature.
+    rm, rv, w, b, n, r = running_mean, running_var, weight, bias, counter, residual
     key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() & 15, training, momentum, eps,
-           cumulative_average, _vector(running_mean), _vector(running_var), _vector(weight), _vector(bias),
-           _vector(counter), activation, negative_slope, _vector(residual))
+           cumulative_average, activation, negative_slope,
+           None if rm is None else (rm.dtype, rm.device, rm.shape, rm.stride(), rm.data_ptr() & 15),
+           None if rv is None else (rv.dtype, rv.device, rv.shape, rv.stride(), rv.data_ptr() & 15),
+           None if w is None else (w.dtype, w.device, w.shape, w.stride(), w.data_ptr() & 15),
+           None if b is None else (b.dtype, b.device, b.shape, b.stride(), b.data_ptr() & 15),
+           None if n is None else (n.dtype, n.device, n.shape, n.stride(), n.data_ptr() & 15),
+           None if r is None else (r.dtype, r.device, r.shape, r.stride(), r.data_ptr() & 15))
     call = _CALLS.get(key)
     if call is None:
         call = _prepare(key, input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
@@ -74,7 +83,13 @@ def prepared(input, running_mean, running_var, weight, bias, training, momentum,
         if len(_CALLS) >= _MAX_CALLS:
             _CALLS.clear()
         _CALLS[key] = call
-    return None if call is _GENERAL else call
+    if call is _GENERAL:
+        return None
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)
+                                    or (residual is not None and residual.requires_grad)):
+        return _apply(call, input, weight, bias, running_mean, running_var, counter, residual)
+    return call.forward(input, weight, bias, running_mean, running_var, counter, residual)[0]
 
 
 class _Signature(tuple):
@@ -114,13 +129,6 @@ class _Call:
         self.key, self.training, self.momentum, self.eps = key, training, momentum, eps
         self.param_dtype, self.fused = param_dtype, fused
         self.keeps_residual = fused is not None and fused["activation"] != 0
-
-    def __call__(self, input, weight, bias, running_mean, running_var, counter, residual=None) -> torch.Tensor:
-        if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad)
-                                        or (residual is not None and residual.requires_grad)):
-            return _apply(self, input, weight, bias, running_mean, running_var, counter, residual)
-        return self.forward(input, weight, bias, running_mean, running_var, counter, residual)[0]
 
     def forward(self, input, weight, bias, running_mean, running_var, counter, residual):
         """(y, mean, stat): save_mean and save_invstd in training, the running statistics in
@@ -182,5 +190,5 @@ class EagerBatchNormFunction(torch.autograd.Function):
 
 
 # Straight to the C++ apply: Function.apply's Python (functorch unwrapping) has nothing to do
-# here, prepared() having turned torch.func transforms away.
+# here, run() having turned torch.func transforms away.
 _apply = super(torch.autograd.Function, EagerBatchNormFunction).apply

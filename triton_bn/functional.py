@@ -95,10 +95,10 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
             mask = None  # eval normalizes with the running statistics: the mask changes nothing
     if (mask is None and save == "input" and not inplace and type(negative_slope) is float
             and (activation is None or type(activation) is str)):  # hashable: the signature holds them
-        call = eager.prepared(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                              num_batches_tracked, cumulative_average, activation, negative_slope, residual)
-        if call is not None:  # eager, its signature checked: launched from its recordings
-            return call(input, weight, bias, running_mean, running_var, num_batches_tracked, residual)
+        y = eager.run(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+                      cumulative_average, activation, negative_slope, residual)
+        if y is not None:  # eager, its signature checked: launched from its recordings
+            return y
     code = check_fused(input, activation, negative_slope, residual, save, inplace)
     save_output = save == "output"
     if not computes(input):

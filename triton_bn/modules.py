@@ -29,6 +29,7 @@ import torch.fx
 from torch import nn
 from torch.fx import Proxy
 
+from . import eager
 from .functional import _batch_norm
 
 
@@ -89,9 +90,16 @@ class _TritonBatchNorm:
         counting = training and self.track_running_stats and counter is not None
         # Batch statistics in training, and in eval when no running statistics exist.
         bn_training = training or (running_mean is None and running_var is None)
-        use_buffers = not training or self.track_running_stats
-        return _batch_norm(input, running_mean if use_buffers else None, running_var if use_buffers else None,
-                           weight, bias, bn_training, momentum, self.eps, counter if counting else None,
+        if training and not self.track_running_stats:  # batch statistics, no running update
+            running_mean = running_var = None
+        if not counting:
+            counter = None
+        if not fused:  # straight to the eager fast path (None: a traced call, or the general path's)
+            y = eager.run(input, running_mean, running_var, weight, bias, bn_training, momentum, self.eps, counter,
+                          self.momentum is None)
+            if y is not None:
+                return y
+        return _batch_norm(input, running_mean, running_var, weight, bias, bn_training, momentum, self.eps, counter,
                            self.momentum is None, **fused)
 
     def _fx_leaf(self, input: Proxy, *extra, **keywords):
