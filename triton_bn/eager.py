@@ -88,7 +88,7 @@ def run(input, running_mean, running_var, weight, bias, training, momentum, eps,
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)
                                     or (residual is not None and residual.requires_grad)):
-        return _apply(call, input, weight, bias, running_mean, running_var, counter, residual)
+        return _apply(call, input, weight, bias, residual, (running_mean, running_var, counter))
     return call.forward(input, weight, bias, running_mean, running_var, counter, residual)[0]
 
 
@@ -118,7 +118,8 @@ def _prepare(key, input, running_mean, running_var, weight, bias, training, mome
 
 
 class _Call:
-    """One checked signature: the launchers' scalar arguments and the replay keys.
+    """One checked signature: the launchers' scalar arguments and the forward's replay key
+    (the backward's holds it: EagerBatchNormFunction.backward).
     ``fused``: the epilogue's keyword arguments (activation code, negative_slope), or None
     for plain batch norm, whose launches take positional arguments only. ``keeps_residual``:
     the backward reads the residual back (z needs it under an activation)."""
@@ -147,25 +148,6 @@ class _Call:
                                       residual=residual, **fused)
         return y, running_mean, running_var
 
-    def backward(self, grad_output, input, weight, bias, mean, stat, residual, needs):
-        """(dx, dweight, dbias, dresidual); ``residual``: the saved one (only an activation reads
-        it back), ``needs``: the four flags."""
-        fused = self.fused
-        if torch.is_grad_enabled() or traced(grad_output):  # double backward, or a traced backward
-            return gradients(grad_output, input, weight, bias, mean, stat, needs, self.training, self.eps,
-                             self.param_dtype, residual, **(fused or {}))
-        # autograd hands a gradient of y's shape, dtype and device; its strides and alignment are
-        # its own. The saved x is the forward's unless a saved-tensors hook made a copy (new
-        # strides); mean and invstd are fresh allocations (allocator-aligned) or the running
-        # statistics, whose metadata is in the forward's key, as is the residual's.
-        key = (self.key, grad_output.stride(), grad_output.dtype, grad_output.data_ptr() & 15, input.stride(),
-               input.data_ptr() & 15, needs)
-        if fused is None:
-            return (*bn_backward.keyed(key, grad_output, input, weight, mean, stat, self.eps, self.training,
-                                       needs[:3], None, self.param_dtype), None)
-        return bn_backward.keyed(key, grad_output, input, weight, mean, stat, self.eps, self.training, needs, None,
-                                 self.param_dtype, bias=bias, residual=residual, **fused)
-
 
 class EagerBatchNormFunction(torch.autograd.Function):
     """BatchNormFunction's eager twin, for calls outside tracers and torch.func: one output
@@ -174,19 +156,38 @@ class EagerBatchNormFunction(torch.autograd.Function):
     per direction."""
 
     @staticmethod
-    def forward(ctx, call, input, weight, bias, running_mean, running_var, counter, residual):
-        y, mean, stat = call.forward(input, weight, bias, running_mean, running_var, counter, residual)
+    def forward(ctx, call, input, weight, bias, residual, statistics):
+        # statistics: (running_mean, running_var, counter), one argument that autograd does not
+        # look into (none of them gets a gradient): ~0.1 us per tensor argument of apply.
+        y, mean, stat = call.forward(input, weight, bias, *statistics, residual)
         ctx.save_for_backward(input, weight, bias, mean, stat, residual if call.keeps_residual else None)
         ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
+        """(dx, dweight, dbias, dresidual) where ``needs_input_grad`` asks for them; the residual
+        saved only where an activation reads it back."""
         input, weight, bias, mean, stat, residual = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        dx, dw, db, dr = ctx.call.backward(grad_output, input, weight, bias, mean, stat, residual,
-                                           (n[1], n[2], n[3], n[7]))
-        return None, dx, dw, db, None, None, None, dr
+        n, call = ctx.needs_input_grad, ctx.call
+        needs, fused = (n[1], n[2], n[3], n[4]), call.fused
+        if torch.is_grad_enabled() or traced(grad_output):  # double backward, or a traced backward
+            dx, dw, db, dr = gradients(grad_output, input, weight, bias, mean, stat, needs, call.training, call.eps,
+                                       call.param_dtype, residual, **(fused or {}))
+            return None, dx, dw, db, dr, None
+        # autograd hands a gradient of y's shape, dtype and device; its strides and alignment are
+        # its own. The saved x is the forward's unless a saved-tensors hook made a copy (new
+        # strides); mean and invstd are fresh allocations (allocator-aligned) or the running
+        # statistics, whose metadata is in the forward's key, as is the residual's.
+        key = (call.key, grad_output.stride(), grad_output.dtype, grad_output.data_ptr() & 15, input.stride(),
+               input.data_ptr() & 15, needs)
+        if fused is None:
+            dx, dw, db = bn_backward.keyed(key, grad_output, input, weight, mean, stat, call.eps, call.training,
+                                           needs[:3], None, call.param_dtype)
+            return None, dx, dw, db, None, None
+        dx, dw, db, dr = bn_backward.keyed(key, grad_output, input, weight, mean, stat, call.eps, call.training,
+                                           needs, None, call.param_dtype, bias=bias, residual=residual, **fused)
+        return None, dx, dw, db, dr, None
 
 
 # Straight to the C++ apply: Function.apply's Python (functorch unwrapping) has nothing to do
