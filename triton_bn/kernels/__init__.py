@@ -5,13 +5,16 @@ The three launchers below compose the per-stage launchers into whole batch-norm 
     forward, training: statistics (partials; the last program per channel combines and
                        updates the running stats) -> normalize                           2 launches
                        on chip (a channel's slab fits in registers, onchip.py)            1 launch
+                       cooperative (the slab over G co-resident programs, cooperative.py) 1 launch
     forward, eval:     normalize with the running statistics                          1 launch
     backward:          reduction (the last program per channel adds the splits) -> dx   2 launches
-                       on chip                                                          1 launch
+                       on chip, or cooperative                                          1 launch
 
 The on-chip path is taken when ``splits`` is None, ``tuning.onchip_enabled()`` and
 ``onchip.onchip_tile_for(view)`` (tuning.onchip_tile: the padded slab has at most
-ONCHIP_MAX_ELEMENTS elements; int32 addressing). SyncBatchNorm keeps the split path.
+ONCHIP_MAX_ELEMENTS elements; int32 addressing); else the cooperative path when ``splits`` is
+None and ``cooperative.cooperative_plan_for(view)`` (its switch, off by default until a GPU has
+measured it, and a co-resident grid). SyncBatchNorm keeps the split path.
 
 The statistics launch (either path) also increments ``num_batches_tracked`` when given.
 ``bn_forward_train`` and ``bn_backward`` are replayed per call signature (replay.py);
@@ -32,9 +35,11 @@ from .backward import bn_backward_dx, bn_backward_reduce
 from .normalize import bn_normalize
 from .replay import replayable
 from .onchip import bn_onchip_backward, bn_onchip_forward, onchip_tile_for
+from .cooperative import bn_cooperative_backward, bn_cooperative_forward, cooperative_plan_for
 from .combine import bn_stats_combine, bn_stats_combine_groups
 from .stats import bn_stats, bn_stats_partial
-from .tuning import l2_hints_enabled, l2_passes, onchip_enabled, use_l2_hints, use_onchip
+from .tuning import (cooperative_enabled, l2_hints_enabled, l2_passes, onchip_enabled, use_cooperative, use_l2_hints,
+                     use_onchip)
 from .view import NQKView, _geometry, mask_view, mergeable, nqk_view, output_for
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "bn_stats", "bn_stats_partial", "bn_stats_combine", "bn_stats_combine_groups", "bn_normalize",
     "bn_backward_reduce", "bn_backward_dx", "NQKView", "nqk_view", "output_for",
     "ACTIVATIONS", "activation_code", "invertible", "onchip_enabled", "use_onchip", "l2_hints_enabled", "use_l2_hints",
+    "cooperative_enabled", "use_cooperative",
 ]
 
 
@@ -89,18 +95,20 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     m = None if mask is None else mask_view(view, mask)
     rm, rv = _contiguous(running_mean), _contiguous(running_var)
     tile = onchip_tile_for(view) if splits is None and onchip_enabled() else None
+    plan = cooperative_plan_for(view) if splits is None and tile is None else None
+    fused = dict(activation=activation, negative_slope=negative_slope, residual=residual, out=out, mask=m)
     if tile is not None:  # the slab fits on chip: one launch, x read once
-        y, *stats = bn_onchip_forward(view, tile, weight, bias, rm, rv, momentum, eps, num_batches_tracked,
-                                      activation=activation, negative_slope=negative_slope, residual=residual,
-                                      out=out, mask=m)
-        l2_reversed = False
+        y, *stats = bn_onchip_forward(view, tile, weight, bias, rm, rv, momentum, eps, num_batches_tracked, **fused)
+    elif plan is not None:  # the slab over a co-resident grid: one launch, x read once
+        y, *stats = bn_cooperative_forward(view, plan, weight, bias, rm, rv, momentum, eps, num_batches_tracked,
+                                           **fused)
     else:  # the split path: normalize re-reads x after the statistics pass (tuning.l2_passes)
         evict_last, l2_reversed = l2_passes(view.N * view.Q * view.K * x.element_size(), x.device)
         stats = bn_stats(view, eps, rm, rv, momentum, num_batches_tracked, splits, evict_last, m)
     for buffer, updated in ((running_mean, rm), (running_var, rv)):
         if updated is not buffer:
             buffer.copy_(updated)
-    if tile is None:
+    if tile is None and plan is None:
         y = bn_normalize(view, stats[0], stats[1], weight, bias, out=out, activation=activation,
                          negative_slope=negative_slope, residual=residual, l2_reversed=l2_reversed)
     return (y, *stats)
@@ -149,9 +157,11 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     need_dw = need_dw and weight is not None
     m = None if mask is None or not training else mask_view(view, mask)
     tile = onchip_tile_for(view) if splits is None and onchip_enabled() else None
-    if tile is not None:  # the slab fits on chip: one launch, x and dy read once
-        grads = bn_onchip_backward(view, tile, dy, mean, stat, weight, eps, training,
-                                   (need_dx, need_dw, need_db, need_dr), param_dtype, mask=m, count=count, **fused)
+    plan = cooperative_plan_for(view) if splits is None and tile is None else None
+    if tile is not None or plan is not None:  # on chip or cooperative: one launch, x and dy read once
+        args = (dy, mean, stat, weight, eps, training, (need_dx, need_dw, need_db, need_dr), param_dtype)
+        grads = (bn_onchip_backward(view, tile, *args, mask=m, count=count, **fused) if tile is not None
+                 else bn_cooperative_backward(view, plan, *args, mask=m, count=count, **fused))
         return grads if len(needs_input_grad) > 3 else grads[:3]
     stat_is_var = not training
     sums = d_weight = d_bias = None

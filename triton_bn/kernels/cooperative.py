@@ -37,6 +37,7 @@ from .helpers import _combine_block, split_float
 from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype
 from .tickets import tickets as _tickets
+from .onchip import _mask_strides
 from .tuning import (COOPERATIVE_MAX_REGISTERS, COOPERATIVE_VALUES_PER_THREAD, COOPERATIVE_WARPS, SM_COUNT_ASSUMED,
                      _sm_count, cdiv, co_resident_programs, cooperative_enabled, interpreting)
 from .view import NQKView, addressing, empty_output, mergeable, nqk_view, output_geometry
@@ -107,9 +108,11 @@ def bn_cooperative_forward(view: NQKView, plan: tuple, weight: Optional[torch.Te
                            running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                            momentum: Optional[float], eps: float, num_batches_tracked: Optional[torch.Tensor] = None,
                            *, activation: int = 0, negative_slope: float = 0.01,
-                           residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+                           residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                           mask: Optional[NQKView] = None):
     """(y, save_mean, save_invstd), x read once; running statistics (contiguous) updated in place
-    once. ``plan`` from cooperative_plan_for(view); the rest as kernels.bn_forward_train (no mask)."""
+    once. ``plan`` from cooperative_plan_for(view); the rest as kernels.bn_forward_train
+    (``mask``, view.mask_view: (y, save_mean, save_invstd, count) as onchip.bn_onchip_forward)."""
     x = view.tensor
     block_r, block_k, num_warps, G, blocks = plan
     y = fresh(empty_output(view)) if out is None else out
@@ -120,37 +123,41 @@ def bn_cooperative_forward(view: NQKView, plan: tuple, weight: Optional[torch.Te
     partial = fresh(torch.empty((4, G, view.C), dtype=acc, device=x.device))
     mean = fresh(torch.empty(view.C, dtype=acc, device=x.device))
     invstd = fresh(torch.empty_like(mean))
+    m = None if mask is None else mask.tensor
+    counted = None if mask is None else fresh(torch.empty_like(mean))
     update, count, cumulative = running_mean is not None, num_batches_tracked is not None, momentum is None
     tickets = _tickets(x.device, blocks + 1)
-    tensors = tuple(t for t in (x, residual, y, partial, mean, invstd, weight, bias, running_mean, running_var,
-                                num_batches_tracked, tickets) if t is not None)
+    tensors = tuple(t for t in (x, residual, y, partial, mean, invstd, counted, m, weight, bias, running_mean,
+                                running_var, num_batches_tracked, tickets) if t is not None)
     key = (view[1:], y_view[1:], None if r_view is None else r_view[1:], activation, update, count, plan,
-           tensor_key(x, residual, y, weight, bias, running_mean, running_var, num_batches_tracked),
-           momentum, eps, negative_slope)
+           tensor_key(x, residual, y, weight, bias, running_mean, running_var, num_batches_tracked, m),
+           momentum, eps, negative_slope, None if mask is None else mask[1:])
     for phase in _phases(True):
         def build(phase=phase):
-            args = (x, residual, y, partial, mean, invstd, weight, bias, running_mean, running_var,
+            args = (x, residual, y, partial, mean, invstd, counted, m, weight, bias, running_mean, running_var,
                     num_batches_tracked, tickets, view.N, view.Q, view.K, view.C, G, *view.strides,
-                    *(view.strides if r_view is None else r_view.strides), *y_view.strides,
+                    *(view.strides if r_view is None else r_view.strides), *y_view.strides, *_mask_strides(mask),
                     *split_float(0.0 if cumulative else momentum), float(eps), *split_float(negative_slope))
             constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
                               COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative, CHANNELS_LAST=view.channels_last,
                               ACC_DTYPE=tl_dtype(x.dtype), ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
-                              **addressing(view, y_view, r_view), PHASE=phase,
+                              **addressing(view, y_view, r_view, mask), MASKED=m is not None, PHASE=phase,
                               BLOCK_P=_combine_block(block_r, block_k, view.channels_last), BLOCK_R=block_r,
                               BLOCK_K=block_k, **_launch_options(phase, num_warps))
             return (G * blocks,), args, constexprs, ()
         _FORWARD.run(key + (phase,), tensors, build)
-    return y, mean, invstd
+    return (y, mean, invstd) if m is None else (y, mean, invstd, counted)
 
 
 def bn_cooperative_backward(view: NQKView, plan: tuple, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                             weight: Optional[torch.Tensor], eps: float, training: bool, needs: tuple,
                             param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
                             activation: int = 0, negative_slope: float = 0.01,
-                            residual: Optional[torch.Tensor] = None, from_output: bool = False):
+                            residual: Optional[torch.Tensor] = None, from_output: bool = False,
+                            mask: Optional[NQKView] = None, count: Optional[torch.Tensor] = None):
     """(dx, dweight, dbias, dresidual), each None where ``needs`` (need_dx, need_dw, need_db,
-    need_dr) says no; x (or y), dy [, r] read once; arguments as kernels.bn_backward (no mask)."""
+    need_dr) says no; x (or y), dy [, r] read once; arguments as kernels.bn_backward (``mask``
+    and ``count``: a masked training forward's, as onchip.bn_onchip_backward)."""
     need_dx, need_dw, need_db, need_dr = needs
     if not (need_dx or need_dw or need_db or need_dr):
         return None, None, None, None
@@ -174,22 +181,28 @@ def bn_cooperative_backward(view: NQKView, plan: tuple, dy: torch.Tensor, mean: 
     partial = fresh(torch.empty((2, G, view.C), dtype=acc, device=x.device)) if sums_needed else None
     sums = fresh(torch.empty((2, view.C), dtype=acc, device=x.device)) if sums_needed else None
     tickets = _tickets(x.device, blocks) if sums_needed else None
-    tensors = tuple(t for t in (x, dy, residual, dx, dr, partial, sums, mean, stat, weight, bias, d_weight, d_bias,
-                                tickets) if t is not None)
+    masked = mask is not None and training and need_dx
+    m, count = (mask.tensor, count) if masked else (None, None)
+    tensors = tuple(t for t in (x, dy, residual, dx, dr, partial, sums, mean, stat, count, m, weight, bias, d_weight,
+                                d_bias, tickets) if t is not None)
     key = (view[1:], dy_view[1:], dx_view[1:], None if r_view is None else r_view[1:], training, activation,
            from_output, need_dx, need_dr, plan, tensor_key(x, dy, residual, dx, dr, mean, stat, weight, bias, d_weight,
-                                                           d_bias), eps, negative_slope)
+                                                           d_bias, m, count), eps, negative_slope,
+           mask[1:] if masked else None)
     for phase in _phases(sums_needed):
         def build(phase=phase):
-            args = (x, dy, residual, dx, dr, partial, sums, mean, stat, weight, bias, d_weight, d_bias, tickets,
-                    view.N, view.Q, view.K, view.C, G, *view.strides, *dy_view.strides,
+            args = (x, dy, residual, dx, dr, partial, sums, mean, stat, count, m, weight, bias, d_weight, d_bias,
+                    tickets, view.N, view.Q, view.K, view.C, G, *view.strides, *dy_view.strides,
                     *(view.strides if r_view is None else r_view.strides), *dx_view.strides,
+                    *_mask_strides(mask if masked else None),
                     *split_float(1.0 / max(view.per_channel, 1)), float(eps), *split_float(negative_slope))
             constexprs = dict(TRAINING=training, STAT_IS_VAR=not training, HAS_WEIGHT=weight is not None,
                               HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
                               FROM_OUTPUT=from_output, FUSED=fused, WRITE_DX=need_dx, WRITE_DRESIDUAL=need_dr,
                               HAS_GRAD_WEIGHT=need_dw, HAS_GRAD_BIAS=need_db, CHANNELS_LAST=view.channels_last,
-                              ACC_DTYPE=tl_dtype(x.dtype), **addressing(view, dy_view, dx_view, r_view), PHASE=phase,
+                              ACC_DTYPE=tl_dtype(x.dtype), **addressing(view, dy_view, dx_view, r_view,
+                                                                        mask if masked else None),
+                              MASKED=masked, PHASE=phase,
                               BLOCK_P=_combine_block(block_r, block_k, view.channels_last), BLOCK_R=block_r,
                               BLOCK_K=block_k, **_launch_options(phase, num_warps))
             return (G * blocks,), args, constexprs, ()

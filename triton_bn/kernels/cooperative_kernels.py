@@ -12,8 +12,9 @@ import triton.language as tl
 from .activation import _activation, _recompute
 from .backward import _combine_sums
 from .combine import _combine_channels
-from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _dx_coefficients, _load_channel_param,
-                      _load_channel_stats, _tile_offsets, _training_dx, _wide_scalar)
+from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _counted, _dx_coefficients, _first_counted,
+                      _inv_count_parts, _load_channel_param, _load_channel_stats, _tile_offsets, _training_dx,
+                      _wide_scalar)
 from .onchip import _per_channel
 
 
@@ -68,6 +69,8 @@ def _bn_cooperative_forward_kernel(
     y_ptr,  # [N, Q, K] output, strides y_{n,q,k}_stride (may be x: read in phase 1, written in 3)
     partial_ptr,  # [4, G, C] per part: shifted mean, M2, count, pivot (ACC_DTYPE)
     mean_ptr, invstd_ptr,  # [C] out: batch mean, 1 / sqrt(biased var + eps) (ACC_DTYPE)
+    count_ptr,  # [C] out (MASKED): the elements counted per channel
+    mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma, beta (HAS_WEIGHT, HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] contiguous, updated in place (UPDATE_RUNNING)
     num_batches_tracked_ptr,  # [] int64 step counter, incremented once (COUNT_STEP)
@@ -76,6 +79,7 @@ def _bn_cooperative_forward_kernel(
     x_n_stride, x_q_stride, x_k_stride,
     r_n_stride, r_q_stride, r_k_stride,
     y_n_stride, y_q_stride, y_k_stride,
+    mask_n_stride, mask_q_stride, mask_k_stride,
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
     slope_hi, slope_lo,  # negative_slope = hi + lo
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -84,6 +88,7 @@ def _bn_cooperative_forward_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    MASKED: tl.constexpr,  # statistics over the positions the mask counts (y is written everywhere)
     PHASE: tl.constexpr,  # 0: all, with barriers (GPU); 1, 2, 3: one phase per launch (interpreter)
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -97,12 +102,19 @@ def _bn_cooperative_forward_kernel(
     if PHASE == 0 or PHASE == 1:
         # The split path's part moments (stats.py): shifted by the channel's first element, so
         # the sums are of values O(std); M2 as a second pass over the registers, as onchip.py.
+        # Masked: only the counted positions, shifted by the first counted one (onchip.py).
+        counted = _counted(mask_ptr, _tile_offsets(rows, cols, block, Q, mask_n_stride, mask_q_stride, mask_k_stride,
+                                                   CHANNELS_LAST, DENSE_ROWS, INDEX_64), valid, MASKED)
+        base = 0
+        if MASKED:
+            base = _first_counted(mask_ptr, N, Q, K, mask_n_stride, mask_q_stride, mask_k_stride, x_n_stride,
+                                  x_q_stride, x_k_stride, CHANNELS_LAST, INDEX_64)
         pivot = _channel_pivot(x_ptr, block, block * BLOCK_K, K, x_q_stride, x_k_stride, CHANNELS_LAST, ACC_DTYPE,
-                               BLOCK_K) + tl.zeros(channels.shape, ACC_DTYPE)
-        count = _per_channel(valid.to(ACC_DTYPE), CHANNELS_LAST)
-        d = tl.where(valid, x - _along_channel_axis(pivot, CHANNELS_LAST, False), 0.0)
+                               BLOCK_K, base) + tl.zeros(channels.shape, ACC_DTYPE)
+        count = _per_channel(counted.to(ACC_DTYPE), CHANNELS_LAST)
+        d = tl.where(counted, x - _along_channel_axis(pivot, CHANNELS_LAST, False), 0.0)
         shifted_mean = _per_channel(d, CHANNELS_LAST) / tl.maximum(count, 1.0)
-        delta = tl.where(valid, d - _along_channel_axis(shifted_mean, CHANNELS_LAST, False), 0.0)
+        delta = tl.where(counted, d - _along_channel_axis(shifted_mean, CHANNELS_LAST, False), 0.0)
         out = partial_ptr + split * C + channels
         tl.store(out, shifted_mean, mask=channel_mask)
         tl.store(out + G * C, _per_channel(delta * delta, CHANNELS_LAST), mask=channel_mask)
@@ -112,12 +124,12 @@ def _bn_cooperative_forward_kernel(
         _arrive_and_wait(tickets_ptr + block, G)
     if PHASE == 0 or PHASE == 2:
         # Each channel's owner merges its G parts in part order: the running statistics move once.
-        _combine_channels(partial_ptr, G, C, C, G * C, channels, owned, mean_ptr, invstd_ptr, count_ptr=None,
+        _combine_channels(partial_ptr, G, C, C, G * C, channels, owned, mean_ptr, invstd_ptr, count_ptr=count_ptr,
                           moments_ptr=None, running_mean_ptr=running_mean_ptr, running_var_ptr=running_var_ptr,
                           num_batches_tracked_ptr=num_batches_tracked_ptr, momentum_hi=momentum_hi,
                           momentum_lo=momentum_lo, eps=eps, UPDATE_RUNNING=UPDATE_RUNNING,
                           CUMULATIVE_AVERAGE=CUMULATIVE_AVERAGE, WRITE_MOMENTS=False, BLOCK_P=BLOCK_P,
-                          COUNT_PENDING=COUNT_STEP, INDEX_64=False, WRITE_COUNT=False)
+                          COUNT_PENDING=COUNT_STEP, INDEX_64=False, WRITE_COUNT=MASKED)
         if COUNT_STEP:  # after this program's combine read the counter (combine._finish_channels)
             _count_step(tickets_ptr + tl.cdiv(tl.num_programs(0), G), num_batches_tracked_ptr)
     if PHASE == 0:
@@ -183,6 +195,8 @@ def _bn_cooperative_backward_kernel(
     partial_ptr,  # [2, G, C] per part: sum dz, sum dz * (x - mean) (ACC_DTYPE; NEED_SUMS)
     sums_ptr,  # [2, C] the channels' sums (ACC_DTYPE; NEED_SUMS)
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
+    count_ptr,  # [C] the elements the masked forward counted per channel (MASKED)
+    mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma (HAS_WEIGHT), beta (HAS_BIAS; read only when FUSED)
     grad_weight_ptr, grad_bias_ptr,  # [C] out (HAS_GRAD_WEIGHT, HAS_GRAD_BIAS), parameter dtype
     tickets_ptr,  # [channel blocks] int32, zero between launches: the barriers (NEED_SUMS)
@@ -191,7 +205,8 @@ def _bn_cooperative_backward_kernel(
     dy_n_stride, dy_q_stride, dy_k_stride,
     r_n_stride, r_q_stride, r_k_stride,
     dx_n_stride, dx_q_stride, dx_k_stride,
-    inv_count_hi, inv_count_lo, eps,  # 1 / M = hi + lo
+    mask_n_stride, mask_q_stride, mask_k_stride,
+    inv_count_hi, inv_count_lo, eps,  # 1 / M = hi + lo (unmasked)
     slope_hi, slope_lo,  # negative_slope = hi + lo
     TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr,
@@ -200,6 +215,7 @@ def _bn_cooperative_backward_kernel(
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
+    MASKED: tl.constexpr,  # training dx of a masked forward (backward.py)
     PHASE: tl.constexpr,  # 0: all, with barriers (GPU); 1, 2, 3: one phase per launch (interpreter)
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -238,9 +254,15 @@ def _bn_cooperative_backward_kernel(
             if TRAINING:
                 sum_dz = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0)
                 sum_dz_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0)
+                if MASKED:
+                    inv_count_hi, inv_count_lo = _inv_count_parts(count_ptr, channels, channel_mask)
                 mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
                 dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
                                   _along_channel_axis(proj, CHANNELS_LAST, False))
+                if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
+                    dx = tl.where(_counted(mask_ptr, _tile_offsets(rows, cols, block, Q, mask_n_stride, mask_q_stride,
+                                                                   mask_k_stride, CHANNELS_LAST, DENSE_ROWS, INDEX_64),
+                                           valid, MASKED), dx, dz * a)
             else:
                 dx = dz * a
             tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
