@@ -210,3 +210,20 @@ def test_a_plain_module_call_goes_straight_to_the_fast_path(device, monkeypatch)
     layer.train()
     layer(x, mask=torch.ones(2, 3, 3, dtype=torch.bool, device=device))
     assert len(general) == 1 and "mask" in general[0]
+
+
+def test_a_replayed_result_keeps_its_none_entries(device):
+    """A replay returns what the recorded call returned, None entries included (a gradient
+    not asked for): replay.py maps a None to the table's None slot, not to a tensor."""
+    w, b, rm, rv = _vectors(device, torch.float32, seed=13)
+    clear_plans()
+    for call in range(3):
+        x = random_input((2, 5, 3, 4), torch.float32, device, seed=90 + call)
+        dy = random_input((2, 5, 3, 4), torch.float32, device, seed=95 + call)
+        _, mean, invstd = bn_forward_train(x, w, b, rm, rv)
+        dx, dw, db = bn_backward(dy, x, w, mean, invstd, 1e-5, True, (True, False, True))
+        assert dw is None and isinstance(dx, torch.Tensor) and isinstance(db, torch.Tensor), call
+        assert_close(db, dy.double().sum((0, 2, 3)), torch.float32, f"dbias, call {call}")
+        dx, dw, db = bn_backward(dy, x, w, mean, invstd, 1e-5, True, (False, True, False))
+        assert dx is None and db is None and isinstance(dw, torch.Tensor), call
+    assert [type(r).__name__ for r in replay._REPLAYS.values() if r is not replay._NOT_REPLAYABLE].count("_Replay") >= 3
