@@ -10,7 +10,7 @@ float32, then normalize every position; the running statistics move by the unbia
 var * M / (M - 1).
 
 Implementations on a masked case (``for_mask`` maps each of perf.impls' to its masked form):
-  triton_bn      the layer-1 launchers with ``mask=``, the backward with ``mask=`` / ``count=``
+  triton_bn      the layer-1 launchers with ``mask=``, the backward with ``mask=`` / ``inv_counts=``
   torch          the composition in eager mode; its backward through the autograd engine (the
                  only way to differentiate it), unlike the unmasked rows' direct aten calls
   torch_compile  the same composition under torch.compile(fullgraph=True, dynamic=False); its
@@ -89,18 +89,18 @@ class MaskedImpl(Impl):
 
 class TritonMasked(MaskedImpl, TritonBN):
     description = ("triton_bn layer-1 launchers with mask= (statistics over counted positions) and the "
-                   "backward with mask= / count=; the unmasked launch counts")
+                   "backward with mask= / inv_counts=; the unmasked launch counts")
 
     def forward_train(self, x, weight, bias, running_mean, running_var):
         from triton_bn.kernels import bn_forward_train
-        y, mean, invstd, count = bn_forward_train(x, weight, bias, running_mean, running_var, MOMENTUM, EPS,
-                                                  mask=self.mask)
-        return y, (mean, invstd, count)
+        y, mean, invstd, inv_counts = bn_forward_train(x, weight, bias, running_mean, running_var, MOMENTUM, EPS,
+                                                       mask=self.mask)
+        return y, (mean, invstd, inv_counts)
 
     def backward(self, dy, x, weight, saved):
         from triton_bn.kernels import bn_backward
-        mean, invstd, count = saved
-        return bn_backward(dy, x, weight, mean, invstd, EPS, True, mask=self.mask, count=count)
+        mean, invstd, inv_counts = saved
+        return bn_backward(dy, x, weight, mean, invstd, EPS, True, mask=self.mask, inv_counts=inv_counts)
 
 
 class TorchComposition(MaskedImpl):

@@ -206,7 +206,7 @@ def test_a_mask_reads_at_most_its_allowance_and_adds_no_launch(shape, layout, dt
                     out = bn_forward_train(x, None, None, None, None, mask=m)
                     forward_launches = len(calls)
                     forward_mask_bytes = accesses.count(mask, "load") * NS
-                    grads = bn_backward(dy, x, None, out[1], out[2], mask=m, count=out[3] if masked else None)
+                    grads = bn_backward(dy, x, None, out[1], out[2], mask=m, inv_counts=out[3] if masked else None)
             launches[masked] = (forward_launches, len(calls) - forward_launches)
             moved[masked] = [accesses.count(x, "load"), accesses.count(dy, "load"), accesses.count(out[0], "store"),
                              accesses.count(grads[0], "store")]

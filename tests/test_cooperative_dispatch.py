@@ -66,8 +66,8 @@ def test_masked_cooperative_matches_float64(shape, layout, dtype, small_plans, d
     dy = random_input(shape, dtype, device, layout, seed=5)
     w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    y, mean, invstd, count = bn_forward_train(x, w, b, rm, rv, 0.1, EPS, mask=mask)
-    dx, dw, db = bn_backward(dy, x, w, mean, invstd, EPS, True, mask=mask, count=count)
+    y, mean, invstd, inv_counts = bn_forward_train(x, w, b, rm, rv, 0.1, EPS, mask=mask)
+    dx, dw, db = bn_backward(dy, x, w, mean, invstd, EPS, True, mask=mask, inv_counts=inv_counts)
     assert small_plans[0][3] > 1
     ref_y, ref_rm, ref_rv, (ref_dx, ref_dw, ref_db, _) = masked_reference(x, mask, w, b, torch.zeros(C),
                                                                           torch.ones(C), 0.1, EPS, dy)
@@ -86,7 +86,7 @@ def test_an_all_true_mask_is_the_unmasked_cooperative_call(small_plans, device):
     for mask in (None, everything):
         rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
         y, mean, invstd, *count = bn_forward_train(x, None, None, rm, rv, 0.1, EPS, mask=mask)
-        grads = bn_backward(dy, x, None, mean, invstd, EPS, True, mask=mask, count=count[0] if count else None)
+        grads = bn_backward(dy, x, None, mean, invstd, EPS, True, mask=mask, inv_counts=count[0] if count else None)
         runs.append((y, mean, invstd, rm, rv, grads[0]))
     for masked, plain in zip(*runs):
         assert torch.equal(masked, plain)

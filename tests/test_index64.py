@@ -180,7 +180,7 @@ def test_statistics_partials_of_2_31_rows(masked):
     partial = torch.full((4, splits, K), float("nan"))
     stats_kernels._bn_stats_partial_kernel.fn[(1, splits)](
         x, partial, C=K, rows_per_split=BLOCK_R, cols_per_split=K, splits_k=1, partial_field_stride=splits * K,
-        mask_ptr=counted, **mask_strides, tickets_ptr=None, mean_ptr=None, invstd_ptr=None, count_ptr=None,
+        mask_ptr=counted, **mask_strides, tickets_ptr=None, mean_ptr=None, invstd_ptr=None, inv_counts_ptr=None,
         running_mean_ptr=None, running_var_ptr=None, num_batches_tracked_ptr=None, momentum_hi=0.0, momentum_lo=0.0,
         eps=0.0, COMBINE=False, UPDATE_RUNNING=False, COUNT_STEP=False, CUMULATIVE_AVERAGE=False, EVICT_LAST=True,
         **_strides("x"), **_common(**{"MASKED": False, **flag}))
@@ -235,7 +235,8 @@ def test_backward_of_2_31_rows(masked):
     inv_count = 1.0 / ROWS if counted is None else 1.0 / int(counted.sum())
     backward_kernels._bn_backward_dx_kernel.fn[(ROWS // BLOCK_R,)](
         x, dy, dx, None, None, mean, invstd, weight, None, sums, C=K, **_strides("x"), **_strides("dy"),
-        **_strides("dx"), **_strides("r"), count_ptr=None if counted is None else torch.full((K,), 1.0 / inv_count),
+        **_strides("dx"), **_strides("r"),
+        inv_counts_ptr=None if counted is None else torch.tensor([[inv_count, 0.0]] * K, dtype=torch.float32),
         mask_ptr=counted, **mask_strides, inv_count_hi=inv_count if counted is None else float("nan"),
         inv_count_lo=0.0, eps=0.0, slope_hi=0.0, slope_lo=0.0, TRAINING=True, STAT_IS_VAR=False, HAS_WEIGHT=True,
         HAS_BIAS=False, ACTIVATION=0, HAS_RESIDUAL=False, FROM_OUTPUT=False, WRITE_DRESIDUAL=False, FUSED=False,

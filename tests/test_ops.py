@@ -136,7 +136,7 @@ def _opcheck_cases(device):
         # save="output": the saved tensor is y (elu, invertible), weight > 0.
         (torch.ops.triton_bn.backward.default, (torch.randn_like(x), y_elu, w, mean, invstd, 1e-5, True,
                                                 [True, True, False, True], torch.float32, b, 5, 0.01, r, True)),
-        # Masked batch norm: the mask in, the per-channel counts out and back into the backward.
+        # Masked batch norm: the mask in, 1 / the per-channel counts out and back into the backward.
         (torch.ops.triton_bn.forward_train.default, (x, w, b, rm.clone(), rv.clone(), counter.clone(), None, 1e-5,
                                                       1, 0.01, r, mask)),
         (torch.ops.triton_bn.backward.default, (torch.randn_like(x), x, w, masked[1], masked[2], 1e-5, True,

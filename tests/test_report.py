@@ -366,3 +366,34 @@ def test_shapes_command_line(tmp_path):
     for row in rows:
         assert row["instructions_per_element"] > 0 and row["budget"] == pytest.approx(budget("fp32", 2))
         assert row["loop"] == "kernel" and row["loop_div"] is False and "over_budget" in row
+
+
+@needs_tools
+def test_masked_variants_compile_for_sm90_within_the_budget():
+    """Masked batch norm's kernels (``--masked``), as the launchers dispatch them on two ResNet-50
+    shapes (fp32 NCHW, fp16 NHWC) on both paths: they compile for sm_90 (the interpreter accepts
+    what the GPU compiler refuses, e.g. a global that is not a tl.constexpr), do not spill, and
+    stay within the instruction budget at bandwidth (shapes_table.with_budget)."""
+    _, mine = shape_jobs(shapes=[(512, 7, 7), (64, 56, 56)], batches=(64,),
+                         formats=[("fp32", "NCHW"), ("fp16", "NHWC")], first_config=True, masked=True)
+    cases = [(case, [j for j in case_jobs if j.variant == "train-masked"]) for case, case_jobs in mine]
+    unique = list({job_key(j): j for _, case_jobs in cases for j in case_jobs}.values())
+    assert {j.name for j in unique} >= {"stats_partial", "backward_dx", "onchip_forward", "onchip_backward"}
+    rows = [with_budget(r) for r in case_rows(cases, unique, run_jobs(unique, workers=2))]
+    for row in rows:
+        where = f"{row['path']} {row['shape']} {row['dtype']} {row['name']} {row['config_label']}"
+        assert "error" not in row, (where, row.get("error"))
+        assert row["spill_bytes"] == 0, where
+        assert not row["over_budget"], (where, row["instructions_per_element"], row["budget"])
+
+
+@needs_tools
+def test_masked_cooperative_kernels_compile_for_sm90_at_their_register_cap():
+    """The cooperative kernels with a mask (``--masked``, the switch on) compile for sm_90 within
+    the 128 registers that keep two programs per SM (tuning.COOPERATIVE_MAX_REGISTERS)."""
+    jobs = [j for j in compile_jobs(archs=(90,), dtypes=("fp16",), layouts=("NHWC", "NCHW"), kernels=["cooperative"],
+                                    cooperative=True, masked=True) if j.variant == "train-masked"]
+    assert {j.name for j in jobs} == {"cooperative_forward", "cooperative_backward"}
+    for row in run_jobs(jobs, workers=2, sass=False):
+        assert "error" not in row, row.get("error")
+        assert row["regs"] <= 128 and not row["spill_bytes"], _describe(row)

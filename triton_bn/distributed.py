@@ -103,9 +103,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # join the collective, or its peers would wait for it forever.
             moments = torch.zeros((4, C), dtype=acc_dtype(input.dtype), device=input.device)
         gathered = _all_gather_moments(moments, group, world_size)
-        mean, invstd = bn_stats_combine_groups(gathered, eps, running_mean=running_mean, running_var=running_var,
-                                               momentum=momentum, num_batches_tracked=num_batches_tracked)
-        count = gathered[:, 2].sum(0)  # [C] global elements per channel, kept on the device
+        mean, invstd, *inv_counts = bn_stats_combine_groups(
+            gathered, eps, running_mean=running_mean, running_var=running_var, momentum=momentum,
+            num_batches_tracked=num_batches_tracked, return_inv_counts=mask is not None)
+        # [C] global elements per channel, kept on the device (masked: 1 / them, from the combine)
+        count = inv_counts[0] if inv_counts else gathered[:, 2].sum(0)
         if input.numel() > 0:
             y = bn_normalize(view, mean, invstd, weight, bias, out=input if inplace else None, activation=activation,
                              negative_slope=negative_slope, residual=residual)
@@ -154,9 +156,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_dx or need_dz:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
             if input.numel() > 0:
-                if mask is not None:  # the masked dx reads the global counts itself
+                if mask is not None:  # the masked dx reads 1 / the global counts itself
                     dx = bn_backward_dx(view, dy, mean, invstd, weight, sums, inv_count=1.0, grad_residual=need_dz,
-                                        mask=mask_view(view, mask), count=count, **epilogue)
+                                        mask=mask_view(view, mask), inv_counts=count, **epilogue)
                 else:
                     # The kernel takes 1 / n as a float; n lives on the device, so the sums are
                     # divided here instead (a [2, C] op, no host sync).

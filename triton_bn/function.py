@@ -29,13 +29,13 @@ def traced(x: torch.Tensor) -> bool:
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """(y, save_mean, save_invstd, count) = act(BN(x; weight, bias) + residual); running
+    """(y, save_mean, save_invstd, inv_counts) = act(BN(x; weight, bias) + residual); running
     statistics updated in place (training). In eval mode the second and third outputs are empty:
     the backward reads the running statistics. setup_context makes it usable under torch.func
     transforms. ``save_output``: the backward keeps y, not x (In-Place ABN; weight > 0);
     ``inplace``: y is written over x (x is marked dirty and returned). ``mask`` (training only,
-    checked and expanded: mask.py): statistics over its positions, ``count`` their number per
-    channel (empty without a mask)."""
+    checked and expanded: mask.py): statistics over its positions, ``inv_counts`` 1 / their number
+    per channel (kernels.bn_forward_train; empty without a mask)."""
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked,
@@ -43,16 +43,16 @@ class BatchNormFunction(torch.autograd.Function):
         fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
         is_traced = traced(input)  # traced calls never come here with inplace (see _batch_norm)
         out = input if inplace else None
-        count = input.new_empty((0,))
+        inv_counts = input.new_empty((0,), dtype=torch.float32)
         if training:
             if is_traced:
-                y, mean, invstd, count = ops.forward_train(input, weight, bias, running_mean, running_var,
+                y, mean, invstd, inv_counts = ops.forward_train(input, weight, bias, running_mean, running_var,
                                                            num_batches_tracked, momentum, eps, activation,
                                                            negative_slope, residual, mask)
             else:
                 y, mean, invstd, *counted = bn_forward_train(input, weight, bias, running_mean, running_var, momentum,
                                                              eps, num_batches_tracked, out=out, mask=mask, **fused)
-                count = counted[0] if counted else count
+                inv_counts = counted[0] if counted else inv_counts
         else:
             if is_traced:
                 y = ops.forward_eval(input, weight, bias, running_mean, running_var, eps, activation, negative_slope,
@@ -60,34 +60,34 @@ class BatchNormFunction(torch.autograd.Function):
             else:
                 y = bn_forward_eval(input, weight, bias, running_mean, running_var, eps, out=out, **fused)
             mean, invstd = input.new_empty((0,)), input.new_empty((0,))
-        return y, mean, invstd, count
+        return y, mean, invstd, inv_counts
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (input, weight, bias, running_mean, running_var, training, momentum, eps, _, residual, activation,
          negative_slope, save_output, inplace, *mask) = inputs
-        y, mean, stat, count = output
+        y, mean, stat, inv_counts = output
         mask = mask[0] if mask and training else None
         if not training:
             mean, stat = running_mean, running_var
         # The residual is read back only where z needs it: an activation, or x rebuilt from y.
         keep_residual = residual if (activation != 0 or save_output) else None
         ctx.save_for_backward(y if save_output else input, weight, bias, mean, stat, keep_residual, mask,
-                              count if mask is not None else None)
+                              inv_counts if mask is not None else None)
         if inplace:
             ctx.mark_dirty(input)
-        ctx.mark_non_differentiable(mean, stat, count)
+        ctx.mark_non_differentiable(mean, stat, inv_counts)
         ctx.training, ctx.eps = training, eps
         ctx.activation, ctx.negative_slope, ctx.save_output = activation, negative_slope, save_output
         ctx.param_dtype = param_dtype(weight, bias, input)
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_mean, _grad_stat, _grad_count):
-        saved, weight, bias, mean, stat, residual, mask, count = ctx.saved_tensors
+    def backward(ctx, grad_output, _grad_mean, _grad_stat, _grad_inv_counts):
+        saved, weight, bias, mean, stat, residual, mask, inv_counts = ctx.saved_tensors
         n = ctx.needs_input_grad
         dx, dw, db, dr = gradients(grad_output, saved, weight, bias, mean, stat, (n[0], n[1], n[2], n[9]),
                                    ctx.training, ctx.eps, ctx.param_dtype, residual, ctx.activation,
-                                   ctx.negative_slope, ctx.save_output, mask, count)
+                                   ctx.negative_slope, ctx.save_output, mask, inv_counts)
         return dx, dw, db, None, None, None, None, None, None, dr, None, None, None, None, None
 
     @staticmethod
@@ -98,11 +98,11 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 def gradients(grad_output, saved, weight, bias, mean, stat, needs, training, eps, param_dtype, residual=None,
-              activation=0, negative_slope=0.01, save_output=False, mask=None, count=None):
+              activation=0, negative_slope=0.01, save_output=False, mask=None, inv_counts=None):
     """(dx, dweight, dbias, dresidual) for both Functions, None where ``needs`` (4 flags) says so.
     ``saved`` is x (or y when ``save_output``); ``residual`` the one z needs (None otherwise);
     ``mean``/``stat``: save_mean/save_invstd (training) or the running statistics (eval);
-    ``mask``/``count``: a masked training forward's mask and per-channel counts."""
+    ``mask``/``inv_counts``: a masked training forward's mask and 1 / M_c per channel."""
     fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
     if torch.is_grad_enabled():
         # create_graph=True (double backward, gradient penalties): a differentiable
@@ -117,10 +117,10 @@ def gradients(grad_output, saved, weight, bias, mean, stat, needs, training, eps
         return grads
     if traced(grad_output):
         grads = ops.backward(grad_output, saved, weight, mean, stat, eps, training, list(needs), param_dtype,
-                             bias, activation, negative_slope, residual, save_output, mask, count)
+                             bias, activation, negative_slope, residual, save_output, mask, inv_counts)
         return tuple(g if need else None for g, need in zip(grads, needs))
     return bn_backward(grad_output, saved, weight, mean, stat, eps, training, needs, param_dtype=param_dtype,
-                       bias=bias, from_output=save_output, mask=mask, count=count, **fused)
+                       bias=bias, from_output=save_output, mask=mask, inv_counts=inv_counts, **fused)
 
 
 # Function.apply adds Python around the C++ apply (default-argument binding with

@@ -7,17 +7,18 @@ mutations it makes declared in its schema:
     triton_bn::forward_train(x, weight?, bias?, running_mean(a!)?, running_var(b!)?,
                              num_batches_tracked(c!)?, momentum?, eps,
                              activation=0, negative_slope=0.01, residual?=None, mask?=None)
-                             -> (y, save_mean, save_invstd, count)
+                             -> (y, save_mean, save_invstd, inv_counts)
     triton_bn::forward_eval(x, weight?, bias?, running_mean, running_var, eps,
                             activation=0, negative_slope=0.01, residual?=None) -> y
     triton_bn::backward(dy, x, weight?, mean, stat, eps, training, output_mask, param_dtype,
                         bias?=None, activation=0, negative_slope=0.01, residual?=None,
-                        from_output=False, mask?=None, count?=None)
+                        from_output=False, mask?=None, inv_counts?=None)
                              -> (dx, dweight, dbias, dresidual)   (a [0] tensor where not wanted)
 
 ``mask`` (masked batch norm, mask.py: bool (N, *spatial), already checked and expanded): the
-training statistics count its positions only; ``count`` is then the [C] per-channel counts the
-forward returns (a [0] tensor without a mask), which the backward takes back.
+training statistics count its positions only; ``inv_counts`` is then 1 / M_c per channel as
+[C, 2] float32 (hi, lo) pairs, which the forward returns (a [0] tensor without a mask) and the
+backward takes back.
 
 The fused epilogue (y = act(BN(x) + residual), activation codes of kernels/activation.py) is
 part of every schema, with defaults that give plain batch norm. ``output_mask`` has 3 or 4
@@ -63,17 +64,18 @@ def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     out = bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked,
                            activation=activation, negative_slope=negative_slope, residual=residual, mask=mask)
-    return out if mask is not None else (*out, _no_count(x))
+    return out if mask is not None else (*out, _no_counts(x))
 
 
 @forward_train.register_fake
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, activation=0,
       negative_slope=0.01, residual=None, mask=None):
-    return output_for(x), _stat_vector(x), _stat_vector(x), _stat_vector(x) if mask is not None else _no_count(x)
+    inv_counts = x.new_empty((x.shape[1], 2), dtype=torch.float32) if mask is not None else _no_counts(x)
+    return output_for(x), _stat_vector(x), _stat_vector(x), inv_counts
 
 
-def _no_count(x: Tensor) -> Tensor:
-    return x.new_empty((0,), dtype=acc_dtype(x.dtype))
+def _no_counts(x: Tensor) -> Tensor:
+    return x.new_empty((0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("triton_bn::forward_eval", mutates_args=())
@@ -94,17 +96,17 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, stat
              training: bool, output_mask: List[bool], param_dtype: torch.dtype, bias: Optional[Tensor] = None,
              activation: int = 0, negative_slope: float = 0.01, residual: Optional[Tensor] = None,
              from_output: bool = False, mask: Optional[Tensor] = None,
-             count: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             inv_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     needs = tuple(output_mask) + (False,) * (4 - len(output_mask))
     grads = bn_backward(dy, x, weight, mean, stat, eps, training, needs, param_dtype=param_dtype, bias=bias,
                         activation=activation, negative_slope=negative_slope, residual=residual,
-                        from_output=from_output, mask=mask, count=count)
+                        from_output=from_output, mask=mask, inv_counts=inv_counts)
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @backward.register_fake
 def _(dy, x, weight, mean, stat, eps, training, output_mask, param_dtype, bias=None, activation=0,
-      negative_slope=0.01, residual=None, from_output=False, mask=None, count=None):
+      negative_slope=0.01, residual=None, from_output=False, mask=None, inv_counts=None):
     need_dx, need_dw, need_db, need_dr = tuple(output_mask) + (False,) * (4 - len(output_mask))
     C = x.shape[1]
     # dresidual is allocated like dx (the launcher's output_for of the saved tensor).

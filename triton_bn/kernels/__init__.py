@@ -85,7 +85,8 @@ def bn_forward_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     strides: a non-contiguous buffer is updated through a contiguous copy, written back).
     ``mask``: bool (N, *spatial), True where a position counts: the statistics (and the running
     update, unbiased by M_c / (M_c - 1)) are over those positions only, y is computed everywhere,
-    and the result gains a 4th entry, the [C] counts M_c that bn_backward takes back.
+    and the result gains a 4th entry, ``inv_counts``: 1 / M_c per channel as [C, 2] float32
+    (hi, lo) pairs (M_c the counted positions), which bn_backward takes back.
     ``num_batches_tracked`` (the step counter) is incremented by the statistics launch;
     ``momentum=None``: the cumulative average, factor 1 / its new value (as torch's modules).
     y = act(BN(x) + residual) with the fused epilogue; ``out=x`` writes y over x (in-place)."""
@@ -136,10 +137,11 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
                 needs_input_grad=(True, True, True), splits: Optional[int] = None,
                 param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
                 activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
-                from_output: bool = False, mask: Optional[torch.Tensor] = None, count: Optional[torch.Tensor] = None):
+                from_output: bool = False, mask: Optional[torch.Tensor] = None,
+                inv_counts: Optional[torch.Tensor] = None):
     """(dx, dweight, dbias), each None where not needed; (dx, dweight, dbias, dresidual) when
-    ``needs_input_grad`` has a 4th entry (the residual's). ``mask`` and ``count``: a masked
-    training forward's mask and the counts it returned (dx of the masked statistics).
+    ``needs_input_grad`` has a 4th entry (the residual's). ``mask`` and ``inv_counts``: a masked
+    training forward's mask and the inv_counts it returned (dx of the masked statistics).
 
     ``mean``/``stat`` are save_mean/save_invstd (training) or running_mean/running_var (eval).
     ``param_dtype``: the dtype of weight and bias, hence of their gradients (needed when there
@@ -160,8 +162,9 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     plan = cooperative_plan_for(view) if splits is None and tile is None else None
     if tile is not None or plan is not None:  # on chip or cooperative: one launch, x and dy read once
         args = (dy, mean, stat, weight, eps, training, (need_dx, need_dw, need_db, need_dr), param_dtype)
-        grads = (bn_onchip_backward(view, tile, *args, mask=m, count=count, **fused) if tile is not None
-                 else bn_cooperative_backward(view, plan, *args, mask=m, count=count, **fused))
+        one_read = dict(mask=m, inv_counts=inv_counts, **fused)
+        grads = (bn_onchip_backward(view, tile, *args, **one_read) if tile is not None
+                 else bn_cooperative_backward(view, plan, *args, **one_read))
         return grads if len(needs_input_grad) > 3 else grads[:3]
     stat_is_var = not training
     sums = d_weight = d_bias = None
@@ -179,7 +182,7 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     if need_dx or need_dr:
         inv_count = 1.0 / max(view.per_channel, 1)
         dx = bn_backward_dx(view, dy, mean, stat, weight, sums, inv_count, eps, stat_is_var, training,
-                            grad_residual=need_dr, l2_reversed=l2_reversed, mask=m, count=count, **fused)
+                            grad_residual=need_dr, l2_reversed=l2_reversed, mask=m, inv_counts=inv_counts, **fused)
         if need_dr:
             dx, d_residual = dx
         dx = dx if need_dx else None

@@ -176,7 +176,7 @@ def _bn_backward_dx_kernel(
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
     weight_ptr, bias_ptr,  # [C] gamma (HAS_WEIGHT), beta (HAS_BIAS; read only when FUSED)
     sums_ptr,  # [2, C] sum dz, sum dz * (x - mean) (TRAINING)
-    count_ptr,  # [C] the elements the masked forward counted per channel (MASKED)
+    inv_counts_ptr,  # [C, 2] 1 / M_c of the masked forward, float32 (hi, lo) (MASKED)
     mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     N, Q, K, C,
     x_n_stride, x_q_stride, x_k_stride,
@@ -236,7 +236,7 @@ def _bn_backward_dx_kernel(
         sum_dy = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         sum_dy_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         if MASKED:
-            inv_count_hi, inv_count_lo = _inv_count_parts(count_ptr, channels, channel_mask)
+            inv_count_hi, inv_count_lo = _inv_count_parts(inv_counts_ptr, channels, channel_mask)
         mean_dz, proj = _dx_coefficients(invstd, sum_dy, sum_dy_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
         if FUSED:
             xmu = fused_xmu
@@ -250,8 +250,8 @@ def _bn_backward_dx_kernel(
                           _along_channel_axis(mean_dz, CHANNELS_LAST, FLAT),
                           _along_channel_axis(proj, CHANNELS_LAST, FLAT))
         if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
-            counted = _counted(mask_ptr, _elementwise_offsets(rows, cols, Q, mask_n_stride, mask_q_stride,
-                                                              mask_k_stride, FLAT, DENSE_ROWS, INDEX_64), mask, MASKED)
+            counted = _counted(mask_ptr, rows, cols, 0, Q, mask_n_stride, mask_q_stride, mask_k_stride, mask,
+                               rows < _wide(N, INDEX_64) * Q, CHANNELS_LAST, True, FLAT, DENSE_ROWS, INDEX_64, MASKED)
             dx = tl.where(counted, dx, dy * _along_channel_axis(a, CHANNELS_LAST, FLAT))
     else:
         dx = dy * _along_channel_axis(a, CHANNELS_LAST, FLAT)
@@ -328,12 +328,12 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
                    bias: Optional[torch.Tensor] = None, activation: int = 0, negative_slope: float = 0.01,
                    residual: Optional[torch.Tensor] = None, from_output: bool = False,
                    grad_residual: bool = False, l2_reversed: bool = False, mask: Optional[NQKView] = None,
-                   count: Optional[torch.Tensor] = None):
+                   inv_counts: Optional[torch.Tensor] = None):
     """dx for the view's input; ``sums`` from bn_backward_reduce (ignored in eval mode).
     With ``grad_residual`` returns (dx, dresidual), dresidual = dz = dy * act'(z) (dx's strides).
     ``l2_reversed``: right after the reduction, walk the tiles last first, loading evict_first
-    (tuning.l2_passes); the same bits as the forward walk. ``mask`` (view.mask_view) and ``count``
-    (its per-channel counts, from the forward): a masked training forward's dx (``inv_count`` unused)."""
+    (tuning.l2_passes); the same bits as the forward walk. ``mask`` (view.mask_view) and ``inv_counts``
+    (1 / M_c per channel, from the forward): a masked training forward's dx (``inv_count`` unused)."""
     x = view.tensor
     C = view.C
     dx = fresh(empty_output(view))
@@ -347,17 +347,18 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
     sums = sums if training else None
     r_geometry = None if r_view is None else r_view[1:]
     mask = mask if training else None
-    m, count = (None, None) if mask is None else (mask.tensor, count)
+    m, inv_counts = (None, None) if mask is None else (mask.tensor, inv_counts)
     m_geometry = None if mask is None else mask[1:]  # stride 0 along the channels: never a flat walk
     # dr is allocated like dx: its geometry is dx's. The key's geometries determine the flat walk.
     key = (view[1:], dy_view[1:], dx_view[1:], training, stat_is_var,
-           tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr, m, count),
+           tensor_key(x, dy, dx, mean, stat, weight, sums, bias, residual, dr, m, inv_counts),
            r_geometry, activation, from_output, inv_count, eps, negative_slope, l2_reversed, m_geometry)
-    tensors = tuple(t for t in (x, dy, dx, residual, dr, mean, stat, weight, bias, sums, count, m) if t is not None)
+    tensors = tuple(t for t in (x, dy, dx, residual, dr, mean, stat, weight, bias, sums, inv_counts, m)
+                    if t is not None)
 
     def build():
         flat = flat_walk((view[1:], dy_view[1:], dx_view[1:], r_geometry, m_geometry))
-        args = (x, dy, dx, residual, dr, mean, stat, weight, bias, sums, count, m,
+        args = (x, dy, dx, residual, dr, mean, stat, weight, bias, sums, inv_counts, m,
                 view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
                 *(view.strides if r_view is None else r_view.strides), *((0, 0, 0) if mask is None else mask.strides),
                 *split_float(inv_count), float(eps), *split_float(negative_slope))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _invstd, _is_finite, _wide, _wide_scalar, split_float
+from .helpers import _invstd, _is_finite, _store_inv_counts, _wide, _wide_scalar, split_float
 from .launch import Launch, tensor_key
 from .tuning import cdiv
 from .view import fits_int32
@@ -37,10 +37,10 @@ from .view import fits_int32
 @triton.jit
 def _combine_channels(
     partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
-    mean_ptr, invstd_ptr, count_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    mean_ptr, invstd_ptr, inv_counts_ptr, moments_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     momentum_hi, momentum_lo, eps,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
-    BLOCK_P: tl.constexpr, COUNT_PENDING: tl.constexpr, INDEX_64: tl.constexpr, WRITE_COUNT: tl.constexpr,
+    BLOCK_P: tl.constexpr, COUNT_PENDING: tl.constexpr, INDEX_64: tl.constexpr, WRITE_INV_COUNTS: tl.constexpr,
 ):
     """Merge the P groups of ``channels`` (a vector) and write their statistics: the body of
     the combine kernel, and of the statistics kernel's last program per channel (stats.py).
@@ -84,8 +84,8 @@ def _combine_channels(
         delta = g_mean - shifted_mean[None, :]
         m2 += tl.sum(g_m2 + tl.where(g_count > 0, g_count * delta * delta, 0.0), 0)
     _, _, m2 = _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
-                                count_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi,
-                                momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_PENDING, WRITE_COUNT)
+                                inv_counts_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi,
+                                momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_PENDING, WRITE_INV_COUNTS)
     if WRITE_MOMENTS:
         tl.store(moments_ptr + channels, shifted_mean, mask=channel_mask)
         tl.store(moments_ptr + C + channels, m2, mask=channel_mask)
@@ -94,12 +94,12 @@ def _combine_channels(
 
 
 @triton.jit
-def _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr, count_ptr,
+def _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr, inv_counts_ptr,
                      running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
                      UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, COUNT_PENDING: tl.constexpr,
-                     WRITE_COUNT: tl.constexpr):
+                     WRITE_INV_COUNTS: tl.constexpr):
     """From a channel's merged shifted moments: store save_mean and save_invstd (and, for a
-    masked call, WRITE_COUNT, the count M_c its backward divides by), move the running statistics
+    masked call, WRITE_INV_COUNTS, 1 / M_c for its backward: _store_inv_counts), move the running statistics
     once (UPDATE_RUNNING), return (mean, invstd, m2). Shared by the combine and the on-chip
     forward (onchip.py), which own their channels exclusively.
     COUNT_PENDING: the launch increments the step counter after every program has read it
@@ -115,8 +115,8 @@ def _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mea
     invstd = _invstd(var, eps)
     tl.store(mean_ptr + channels, mean, mask=channel_mask)
     tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
-    if WRITE_COUNT:
-        tl.store(count_ptr + channels, count, mask=channel_mask)
+    if WRITE_INV_COUNTS:
+        _store_inv_counts(inv_counts_ptr, count, channels, channel_mask)
     if UPDATE_RUNNING:
         if CUMULATIVE_AVERAGE:
             factor = 1.0 / (tl.load(num_batches_tracked_ptr) + COUNT_PENDING).to(acc_dtype)
@@ -153,21 +153,21 @@ def _bn_stats_combine_kernel(
     partial_group_stride, partial_field_stride,
     mean_ptr,  # [C] out: batch mean
     invstd_ptr,  # [C] out: 1 / sqrt(biased var + eps)
-    count_ptr,  # [C] out (WRITE_COUNT): the elements each channel's statistics count (a masked call's backward)
+    inv_counts_ptr,  # [C, 2] out (WRITE_INV_COUNTS): 1 / M_c as float32 (hi, lo) (a masked call's backward)
     moments_ptr,  # [4, C] out (WRITE_MOMENTS): merged shifted mean, M2, count, pivot
     running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
     num_batches_tracked_ptr,  # int64 counter; momentum = 1 / counter (CUMULATIVE_AVERAGE)
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
-    WRITE_COUNT: tl.constexpr, INDEX_64: tl.constexpr,  # field offsets in int64 (_combine_spec)
+    WRITE_INV_COUNTS: tl.constexpr, INDEX_64: tl.constexpr,  # field offsets in int64 (_combine_spec)
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     _combine_channels(partial_ptr, P, C, partial_group_stride, partial_field_stride, channels, channel_mask,
-                      mean_ptr, invstd_ptr, count_ptr, moments_ptr, running_mean_ptr, running_var_ptr,
+                      mean_ptr, invstd_ptr, inv_counts_ptr, moments_ptr, running_mean_ptr, running_var_ptr,
                       num_batches_tracked_ptr, momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE,
-                      WRITE_MOMENTS, BLOCK_P, False, INDEX_64, WRITE_COUNT)
+                      WRITE_MOMENTS, BLOCK_P, False, INDEX_64, WRITE_INV_COUNTS)
 
 
 _COMBINE = Launch(_bn_stats_combine_kernel)
@@ -196,37 +196,37 @@ def bn_stats_combine_groups(moments: torch.Tensor, eps: float, **kwargs):
 
 
 def _combine(partial, P, group_stride, field_stride, eps, running_mean=None, running_var=None,
-             momentum=0.1, num_batches_tracked=None, return_moments=False, return_count=False):
-    """(mean, invstd[, moments][, count]): ``return_count`` adds the [C] counts of the merged
-    groups (a masked call's backward divides by them)."""
+             momentum=0.1, num_batches_tracked=None, return_moments=False, return_inv_counts=False):
+    """(mean, invstd[, moments][, inv_counts]): ``return_inv_counts`` adds 1 / M_c of the merged
+    groups' counts as [C, 2] float32 (hi, lo) pairs (a masked call's backward divides by them)."""
     assert partial.stride(-1) == 1, "moments must have unit channel stride"
     C = partial.shape[-1]
     mean = torch.empty(C, dtype=partial.dtype, device=partial.device)
     invstd = torch.empty_like(mean)
     moments = torch.empty((4, C), dtype=partial.dtype, device=partial.device) if return_moments else None
-    count = torch.empty_like(mean) if return_count else None
+    inv_counts = torch.empty((C, 2), dtype=torch.float32, device=partial.device) if return_inv_counts else None
     update = running_mean is not None
     # Unused pointers are None, never another argument: a compiler that cannot see which
     # arguments a kernel writes must not find an output aliased with an input.
     running_mean, running_var = (running_mean, running_var) if update else (None, None)
     cumulative = num_batches_tracked is not None
-    key = (P, C, group_stride, field_stride, return_moments, return_count, update, cumulative,
+    key = (P, C, group_stride, field_stride, return_moments, return_inv_counts, update, cumulative,
            tensor_key(partial, running_mean, running_var, num_batches_tracked))
-    grid, constexprs = _combine_spec(C, update, cumulative, return_moments, return_count, field_stride)
+    grid, constexprs = _combine_spec(C, update, cumulative, return_moments, return_inv_counts, field_stride)
     _COMBINE(key, grid, (
-        partial, P, C, group_stride, field_stride, mean, invstd, count, moments,
+        partial, P, C, group_stride, field_stride, mean, invstd, inv_counts, moments,
         running_mean, running_var, num_batches_tracked, *split_float(momentum), float(eps),
     ), constexprs)
-    return (mean, invstd) + ((moments,) if return_moments else ()) + ((count,) if return_count else ())
+    return (mean, invstd) + ((moments,) if return_moments else ()) + ((inv_counts,) if return_inv_counts else ())
 
 
 @functools.lru_cache(maxsize=1024)
-def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool, return_count: bool,
+def _combine_spec(C: int, update: bool, cumulative: bool, return_moments: bool, return_inv_counts: bool,
                   field_stride: int):
     """Grid and constexprs; INDEX_64 when the last field's offsets, 3 * field_stride + C, reach 2^31."""
     BLOCK_C = min(128, _next_power_of_2(C))
     return (cdiv(C, BLOCK_C),), dict(UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=cumulative,
-                                     WRITE_MOMENTS=return_moments, WRITE_COUNT=return_count,
+                                     WRITE_MOMENTS=return_moments, WRITE_INV_COUNTS=return_inv_counts,
                                      INDEX_64=not fits_int32(3 * field_stride + C),
                                      BLOCK_P=32, BLOCK_C=BLOCK_C)
 

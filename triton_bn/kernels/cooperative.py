@@ -112,7 +112,7 @@ def bn_cooperative_forward(view: NQKView, plan: tuple, weight: Optional[torch.Te
                            mask: Optional[NQKView] = None):
     """(y, save_mean, save_invstd), x read once; running statistics (contiguous) updated in place
     once. ``plan`` from cooperative_plan_for(view); the rest as kernels.bn_forward_train
-    (``mask``, view.mask_view: (y, save_mean, save_invstd, count) as onchip.bn_onchip_forward)."""
+    (``mask``, view.mask_view: (y, save_mean, save_invstd, inv_counts) as onchip.bn_onchip_forward)."""
     x = view.tensor
     block_r, block_k, num_warps, G, blocks = plan
     y = fresh(empty_output(view)) if out is None else out
@@ -124,17 +124,17 @@ def bn_cooperative_forward(view: NQKView, plan: tuple, weight: Optional[torch.Te
     mean = fresh(torch.empty(view.C, dtype=acc, device=x.device))
     invstd = fresh(torch.empty_like(mean))
     m = None if mask is None else mask.tensor
-    counted = None if mask is None else fresh(torch.empty_like(mean))
+    inv_counts = None if mask is None else fresh(torch.empty((view.C, 2), dtype=torch.float32, device=x.device))
     update, count, cumulative = running_mean is not None, num_batches_tracked is not None, momentum is None
     tickets = _tickets(x.device, blocks + 1)
-    tensors = tuple(t for t in (x, residual, y, partial, mean, invstd, counted, m, weight, bias, running_mean,
+    tensors = tuple(t for t in (x, residual, y, partial, mean, invstd, inv_counts, m, weight, bias, running_mean,
                                 running_var, num_batches_tracked, tickets) if t is not None)
     key = (view[1:], y_view[1:], None if r_view is None else r_view[1:], activation, update, count, plan,
            tensor_key(x, residual, y, weight, bias, running_mean, running_var, num_batches_tracked, m),
            momentum, eps, negative_slope, None if mask is None else mask[1:])
     for phase in _phases(True):
         def build(phase=phase):
-            args = (x, residual, y, partial, mean, invstd, counted, m, weight, bias, running_mean, running_var,
+            args = (x, residual, y, partial, mean, invstd, inv_counts, m, weight, bias, running_mean, running_var,
                     num_batches_tracked, tickets, view.N, view.Q, view.K, view.C, G, *view.strides,
                     *(view.strides if r_view is None else r_view.strides), *y_view.strides, *_mask_strides(mask),
                     *split_float(0.0 if cumulative else momentum), float(eps), *split_float(negative_slope))
@@ -146,7 +146,7 @@ def bn_cooperative_forward(view: NQKView, plan: tuple, weight: Optional[torch.Te
                               BLOCK_K=block_k, **_launch_options(phase, num_warps))
             return (G * blocks,), args, constexprs, ()
         _FORWARD.run(key + (phase,), tensors, build)
-    return (y, mean, invstd) if m is None else (y, mean, invstd, counted)
+    return (y, mean, invstd) if m is None else (y, mean, invstd, inv_counts)
 
 
 def bn_cooperative_backward(view: NQKView, plan: tuple, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
@@ -154,10 +154,10 @@ def bn_cooperative_backward(view: NQKView, plan: tuple, dy: torch.Tensor, mean: 
                             param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
                             activation: int = 0, negative_slope: float = 0.01,
                             residual: Optional[torch.Tensor] = None, from_output: bool = False,
-                            mask: Optional[NQKView] = None, count: Optional[torch.Tensor] = None):
+                            mask: Optional[NQKView] = None, inv_counts: Optional[torch.Tensor] = None):
     """(dx, dweight, dbias, dresidual), each None where ``needs`` (need_dx, need_dw, need_db,
     need_dr) says no; x (or y), dy [, r] read once; arguments as kernels.bn_backward (``mask``
-    and ``count``: a masked training forward's, as onchip.bn_onchip_backward)."""
+    and ``inv_counts``: a masked training forward's, as onchip.bn_onchip_backward)."""
     need_dx, need_dw, need_db, need_dr = needs
     if not (need_dx or need_dw or need_db or need_dr):
         return None, None, None, None
@@ -182,16 +182,16 @@ def bn_cooperative_backward(view: NQKView, plan: tuple, dy: torch.Tensor, mean: 
     sums = fresh(torch.empty((2, view.C), dtype=acc, device=x.device)) if sums_needed else None
     tickets = _tickets(x.device, blocks) if sums_needed else None
     masked = mask is not None and training and need_dx
-    m, count = (mask.tensor, count) if masked else (None, None)
-    tensors = tuple(t for t in (x, dy, residual, dx, dr, partial, sums, mean, stat, count, m, weight, bias, d_weight,
-                                d_bias, tickets) if t is not None)
+    m, inv_counts = (mask.tensor, inv_counts) if masked else (None, None)
+    tensors = tuple(t for t in (x, dy, residual, dx, dr, partial, sums, mean, stat, inv_counts, m, weight, bias,
+                                d_weight, d_bias, tickets) if t is not None)
     key = (view[1:], dy_view[1:], dx_view[1:], None if r_view is None else r_view[1:], training, activation,
            from_output, need_dx, need_dr, plan, tensor_key(x, dy, residual, dx, dr, mean, stat, weight, bias, d_weight,
-                                                           d_bias, m, count), eps, negative_slope,
+                                                           d_bias, m, inv_counts), eps, negative_slope,
            mask[1:] if masked else None)
     for phase in _phases(sums_needed):
         def build(phase=phase):
-            args = (x, dy, residual, dx, dr, partial, sums, mean, stat, count, m, weight, bias, d_weight, d_bias,
+            args = (x, dy, residual, dx, dr, partial, sums, mean, stat, inv_counts, m, weight, bias, d_weight, d_bias,
                     tickets, view.N, view.Q, view.K, view.C, G, *view.strides, *dy_view.strides,
                     *(view.strides if r_view is None else r_view.strides), *dx_view.strides,
                     *_mask_strides(mask if masked else None),

@@ -69,7 +69,7 @@ def _bn_cooperative_forward_kernel(
     y_ptr,  # [N, Q, K] output, strides y_{n,q,k}_stride (may be x: read in phase 1, written in 3)
     partial_ptr,  # [4, G, C] per part: shifted mean, M2, count, pivot (ACC_DTYPE)
     mean_ptr, invstd_ptr,  # [C] out: batch mean, 1 / sqrt(biased var + eps) (ACC_DTYPE)
-    count_ptr,  # [C] out (MASKED): the elements counted per channel
+    inv_counts_ptr,  # [C, 2] out (MASKED): 1 / M_c of the counted elements, float32 (hi, lo)
     mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma, beta (HAS_WEIGHT, HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] contiguous, updated in place (UPDATE_RUNNING)
@@ -103,8 +103,8 @@ def _bn_cooperative_forward_kernel(
         # The split path's part moments (stats.py): shifted by the channel's first element, so
         # the sums are of values O(std); M2 as a second pass over the registers, as onchip.py.
         # Masked: only the counted positions, shifted by the first counted one (onchip.py).
-        counted = _counted(mask_ptr, _tile_offsets(rows, cols, block, Q, mask_n_stride, mask_q_stride, mask_k_stride,
-                                                   CHANNELS_LAST, DENSE_ROWS, INDEX_64), valid, MASKED)
+        counted = _counted(mask_ptr, rows, cols, block, Q, mask_n_stride, mask_q_stride, mask_k_stride, valid,
+                           rows < N * Q, CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS, INDEX_64, MASKED)
         base = 0
         if MASKED:
             base = _first_counted(mask_ptr, N, Q, K, mask_n_stride, mask_q_stride, mask_k_stride, x_n_stride,
@@ -124,12 +124,12 @@ def _bn_cooperative_forward_kernel(
         _arrive_and_wait(tickets_ptr + block, G)
     if PHASE == 0 or PHASE == 2:
         # Each channel's owner merges its G parts in part order: the running statistics move once.
-        _combine_channels(partial_ptr, G, C, C, G * C, channels, owned, mean_ptr, invstd_ptr, count_ptr=count_ptr,
-                          moments_ptr=None, running_mean_ptr=running_mean_ptr, running_var_ptr=running_var_ptr,
+        _combine_channels(partial_ptr, G, C, C, G * C, channels, owned, mean_ptr, invstd_ptr,
+                          inv_counts_ptr=inv_counts_ptr, moments_ptr=None, running_mean_ptr=running_mean_ptr, running_var_ptr=running_var_ptr,
                           num_batches_tracked_ptr=num_batches_tracked_ptr, momentum_hi=momentum_hi,
                           momentum_lo=momentum_lo, eps=eps, UPDATE_RUNNING=UPDATE_RUNNING,
                           CUMULATIVE_AVERAGE=CUMULATIVE_AVERAGE, WRITE_MOMENTS=False, BLOCK_P=BLOCK_P,
-                          COUNT_PENDING=COUNT_STEP, INDEX_64=False, WRITE_COUNT=MASKED)
+                          COUNT_PENDING=COUNT_STEP, INDEX_64=False, WRITE_INV_COUNTS=MASKED)
         if COUNT_STEP:  # after this program's combine read the counter (combine._finish_channels)
             _count_step(tickets_ptr + tl.cdiv(tl.num_programs(0), G), num_batches_tracked_ptr)
     if PHASE == 0:
@@ -195,7 +195,7 @@ def _bn_cooperative_backward_kernel(
     partial_ptr,  # [2, G, C] per part: sum dz, sum dz * (x - mean) (ACC_DTYPE; NEED_SUMS)
     sums_ptr,  # [2, C] the channels' sums (ACC_DTYPE; NEED_SUMS)
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
-    count_ptr,  # [C] the elements the masked forward counted per channel (MASKED)
+    inv_counts_ptr,  # [C, 2] 1 / M_c of the masked forward, float32 (hi, lo) (MASKED)
     mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma (HAS_WEIGHT), beta (HAS_BIAS; read only when FUSED)
     grad_weight_ptr, grad_bias_ptr,  # [C] out (HAS_GRAD_WEIGHT, HAS_GRAD_BIAS), parameter dtype
@@ -255,14 +255,14 @@ def _bn_cooperative_backward_kernel(
                 sum_dz = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0)
                 sum_dz_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0)
                 if MASKED:
-                    inv_count_hi, inv_count_lo = _inv_count_parts(count_ptr, channels, channel_mask)
+                    inv_count_hi, inv_count_lo = _inv_count_parts(inv_counts_ptr, channels, channel_mask)
                 mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
                 dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
                                   _along_channel_axis(proj, CHANNELS_LAST, False))
                 if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
-                    dx = tl.where(_counted(mask_ptr, _tile_offsets(rows, cols, block, Q, mask_n_stride, mask_q_stride,
-                                                                   mask_k_stride, CHANNELS_LAST, DENSE_ROWS, INDEX_64),
-                                           valid, MASKED), dx, dz * a)
+                    dx = tl.where(_counted(mask_ptr, rows, cols, block, Q, mask_n_stride, mask_q_stride, mask_k_stride,
+                                           valid, rows < N * Q, CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS,
+                                           INDEX_64, MASKED), dx, dz * a)
             else:
                 dx = dz * a
             tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)

@@ -75,7 +75,7 @@ def _bn_onchip_forward_kernel(
     r_ptr,  # [N, Q, K] residual (HAS_RESIDUAL), strides r_{n,q,k}_stride
     y_ptr,  # [N, Q, K] output, strides y_{n,q,k}_stride (may be x: the slab is loaded before any store)
     mean_ptr, invstd_ptr,  # [C] out: batch mean, 1 / sqrt(biased var + eps) (ACC_DTYPE)
-    count_ptr,  # [C] out (MASKED): the elements counted per channel
+    inv_counts_ptr,  # [C, 2] out (MASKED): 1 / M_c of the counted elements, float32 (hi, lo)
     mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma, beta (HAS_WEIGHT, HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] contiguous, updated in place (UPDATE_RUNNING)
@@ -102,8 +102,8 @@ def _bn_onchip_forward_kernel(
     x_offsets = _tile_offsets(rows, cols, pid, Q, x_n_stride, x_q_stride, x_k_stride, CHANNELS_LAST,
                               DENSE_ROWS, INDEX_64)
     x = tl.load(x_ptr + x_offsets, mask=valid, other=0.0).to(ACC_DTYPE)
-    counted = _counted(mask_ptr, _tile_offsets(rows, cols, pid, Q, mask_n_stride, mask_q_stride, mask_k_stride,
-                                               CHANNELS_LAST, DENSE_ROWS, INDEX_64), valid, MASKED)
+    counted = _counted(mask_ptr, rows, cols, pid, Q, mask_n_stride, mask_q_stride, mask_k_stride, valid, rows < N * Q,
+                       CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS, INDEX_64, MASKED)
     # The split path's shift (stats.py): the channel's first (counted) element, so the sums are of
     # values O(std) however large |mean| is. One element per channel, already in cache.
     base = 0
@@ -126,7 +126,7 @@ def _bn_onchip_forward_kernel(
     m2 = _per_channel(delta * delta, CHANNELS_LAST)
     # This program owns its channels: the running statistics move here, exactly once.
     mean, invstd, _ = _finish_channels(pivot, shifted_mean, m2, count, channels, channel_mask, mean_ptr, invstd_ptr,
-                                       count_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+                                       inv_counts_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
                                        momentum_hi, momentum_lo, eps, UPDATE_RUNNING, CUMULATIVE_AVERAGE, COUNT_STEP,
                                        MASKED)
     if COUNT_STEP:
@@ -153,7 +153,7 @@ def _bn_onchip_backward_kernel(
     dx_ptr,  # [N, Q, K] out (WRITE_DX), strides dx_{n,q,k}_stride
     dr_ptr,  # [N, Q, K] out: dresidual = dz (WRITE_DRESIDUAL), dx's strides
     mean_ptr, stat_ptr,  # [C] mean and invstd (or running var when STAT_IS_VAR)
-    count_ptr,  # [C] the elements the masked forward counted per channel (MASKED)
+    inv_counts_ptr,  # [C, 2] 1 / M_c of the masked forward, float32 (hi, lo) (MASKED)
     mask_ptr,  # (MASKED) bool [N, Q, K] view, strides mask_{n,q,k}_stride, 0 along the channel axis
     weight_ptr, bias_ptr,  # [C] gamma (HAS_WEIGHT), beta (HAS_BIAS; read only when FUSED)
     grad_weight_ptr, grad_bias_ptr,  # [C] out (HAS_GRAD_WEIGHT, HAS_GRAD_BIAS), parameter dtype
@@ -220,14 +220,14 @@ def _bn_onchip_backward_kernel(
         a = _along_channel_axis(invstd * gamma, CHANNELS_LAST, False)
         if TRAINING:
             if MASKED:
-                inv_count_hi, inv_count_lo = _inv_count_parts(count_ptr, channels, channel_mask)
+                inv_count_hi, inv_count_lo = _inv_count_parts(inv_counts_ptr, channels, channel_mask)
             mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
             dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
                               _along_channel_axis(proj, CHANNELS_LAST, False))
             if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
-                dx = tl.where(_counted(mask_ptr, _tile_offsets(rows, cols, pid, Q, mask_n_stride, mask_q_stride,
-                                                               mask_k_stride, CHANNELS_LAST, DENSE_ROWS, INDEX_64),
-                                       valid, MASKED), dx, dz * a)
+                dx = tl.where(_counted(mask_ptr, rows, cols, pid, Q, mask_n_stride, mask_q_stride, mask_k_stride, valid,
+                                       rows < N * Q, CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS, INDEX_64,
+                                       MASKED), dx, dz * a)
         else:
             dx = dz * a
         tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
@@ -267,7 +267,8 @@ def bn_onchip_forward(view: NQKView, tile: tuple, weight: Optional[torch.Tensor]
                       out: Optional[torch.Tensor] = None, mask: Optional[NQKView] = None):
     """(y, save_mean, save_invstd) in one launch; running statistics (contiguous) updated in
     place once. ``tile`` from onchip_tile_for(view); the rest as kernels.bn_forward_train.
-    ``mask`` (view.mask_view): (y, save_mean, save_invstd, count), statistics over its positions."""
+    ``mask`` (view.mask_view): (y, save_mean, save_invstd, inv_counts), statistics over its positions
+    (inv_counts: stats.bn_stats)."""
     x = view.tensor
     block_r, block_k, num_warps = tile
     y, y_view, r_view = _views(view, out, residual)
@@ -275,7 +276,7 @@ def bn_onchip_forward(view: NQKView, tile: tuple, weight: Optional[torch.Tensor]
     mean = fresh(torch.empty(view.C, dtype=acc_dtype(x.dtype), device=x.device))
     invstd = fresh(torch.empty_like(mean))
     m = None if mask is None else mask.tensor
-    counted = None if mask is None else fresh(torch.empty_like(mean))
+    inv_counts = None if mask is None else fresh(torch.empty((view.C, 2), dtype=torch.float32, device=x.device))
     update = running_mean is not None
     count = num_batches_tracked is not None
     cumulative = momentum is None
@@ -283,11 +284,11 @@ def bn_onchip_forward(view: NQKView, tile: tuple, weight: Optional[torch.Tensor]
     key = (view[1:], y_view[1:], None if r_view is None else r_view[1:], activation, update, count, tile,
            tensor_key(x, residual, y, weight, bias, running_mean, running_var, num_batches_tracked, m),
            momentum, eps, negative_slope, None if mask is None else mask[1:])
-    tensors = tuple(t for t in (x, residual, y, mean, invstd, counted, m, weight, bias, running_mean, running_var,
+    tensors = tuple(t for t in (x, residual, y, mean, invstd, inv_counts, m, weight, bias, running_mean, running_var,
                                 num_batches_tracked, ticket) if t is not None)
 
     def build():
-        args = (x, residual, y, mean, invstd, counted, m, weight, bias, running_mean, running_var,
+        args = (x, residual, y, mean, invstd, inv_counts, m, weight, bias, running_mean, running_var,
                 num_batches_tracked, ticket, view.N, view.Q, view.K, *view.strides,
                 *(view.strides if r_view is None else r_view.strides), *y_view.strides, *_mask_strides(mask),
                 *split_float(0.0 if cumulative else momentum), float(eps), *split_float(negative_slope))
@@ -298,7 +299,7 @@ def bn_onchip_forward(view: NQKView, tile: tuple, weight: Optional[torch.Tensor]
                           BLOCK_K=block_k, num_warps=num_warps)
         return _grid(view.C, view.channels_last, block_k), args, constexprs, ()
     _FORWARD.run(key, tensors, build)
-    return (y, mean, invstd) if m is None else (y, mean, invstd, counted)
+    return (y, mean, invstd) if m is None else (y, mean, invstd, inv_counts)
 
 
 def _mask_strides(mask: Optional[NQKView]) -> tuple:
@@ -310,11 +311,11 @@ def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch
                        param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
                        activation: int = 0, negative_slope: float = 0.01, residual: Optional[torch.Tensor] = None,
                        from_output: bool = False, mask: Optional[NQKView] = None,
-                       count: Optional[torch.Tensor] = None):
+                       inv_counts: Optional[torch.Tensor] = None):
     """(dx, dweight, dbias, dresidual), each None where ``needs`` (need_dx, need_dw, need_db,
     need_dr) says no, in one launch; arguments as kernels.bn_backward (``mean``/``stat``:
     save_mean/save_invstd, or the running statistics when not ``training``; ``mask`` and
-    ``count``: a masked training forward's mask view and counts)."""
+    ``inv_counts``: a masked training forward's mask view and 1 / M_c)."""
     need_dx, need_dw, need_db, need_dr = needs
     if not (need_dx or need_dw or need_db or need_dr):
         return None, None, None, None
@@ -334,16 +335,17 @@ def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch
     d_weight = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_dw else None
     d_bias = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_db else None
     masked = mask is not None and training and need_dx
-    m, count = (mask.tensor, count) if masked else (None, None)
+    m, inv_counts = (mask.tensor, inv_counts) if masked else (None, None)
     key = (view[1:], dy_view[1:], dx_view[1:], None if r_view is None else r_view[1:], training, activation,
            from_output, need_dx, need_dr, tile, tensor_key(x, dy, residual, dx, dr, mean, stat, weight, bias, d_weight,
-                                                           d_bias, m, count), eps, negative_slope,
+                                                           d_bias, m, inv_counts), eps, negative_slope,
            mask[1:] if masked else None)
-    tensors = tuple(t for t in (x, dy, residual, dx, dr, mean, stat, count, m, weight, bias, d_weight, d_bias)
+    tensors = tuple(t for t in (x, dy, residual, dx, dr, mean, stat, inv_counts, m, weight, bias, d_weight, d_bias)
                     if t is not None)
 
     def build():
-        args = (x, dy, residual, dx, dr, mean, stat, count, m, weight, bias, d_weight, d_bias, view.N, view.Q, view.K,
+        args = (x, dy, residual, dx, dr, mean, stat, inv_counts, m, weight, bias, d_weight, d_bias, view.N, view.Q,
+                view.K,
                 *view.strides, *dy_view.strides, *(view.strides if r_view is None else r_view.strides),
                 *dx_view.strides, *_mask_strides(mask if masked else None),
                 *split_float(1.0 / max(view.per_channel, 1)), float(eps), *split_float(negative_slope))

@@ -63,7 +63,7 @@ def _bn_stats_partial_kernel(
     mask_n_stride, mask_q_stride, mask_k_stride,
     tickets_ptr,  # [programs along axis 0 + 1] int32, zero between calls (COMBINE)
     mean_ptr, invstd_ptr,  # [C] out (COMBINE): batch mean, 1 / sqrt(biased var + eps)
-    count_ptr,  # [C] out (COMBINE and MASKED): the elements counted per channel
+    inv_counts_ptr,  # [C, 2] out (COMBINE and MASKED): 1 / M_c of the counted elements, float32 (hi, lo)
     running_mean_ptr, running_var_ptr,  # [C] updated in place (COMBINE and UPDATE_RUNNING)
     num_batches_tracked_ptr,  # [] int64 step counter, incremented once (COUNT_STEP)
     momentum_hi, momentum_lo, eps,  # momentum = hi + lo (see split_float)
@@ -104,9 +104,8 @@ def _bn_stats_partial_kernel(
             valid = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
             x = tl.load(x_ptr + offsets, mask=valid, other=0.0, eviction_policy=_l2_policy(EVICT_LAST, "evict_last"))
             if MASKED:
-                valid = _counted(mask_ptr, _tile_offsets(rows, cols, pid_c, Q, mask_n_stride, mask_q_stride,
-                                                         mask_k_stride, CHANNELS_LAST, DENSE_ROWS, INDEX_64),
-                                 valid, MASKED)
+                valid = _counted(mask_ptr, rows, cols, pid_c, Q, mask_n_stride, mask_q_stride, mask_k_stride, valid,
+                                 rows < row_hi, False, CHANNELS_LAST, False, DENSE_ROWS, INDEX_64, MASKED)
                 counted += valid.to(ACC_DTYPE)
             d = tl.where(valid, x.to(ACC_DTYPE) - pivot_tile, 0.0)
             shifted_sum += d
@@ -139,7 +138,7 @@ def _bn_stats_partial_kernel(
         last, channels = _last_of_channel(tickets_ptr, pid_c, col_lo, CHANNELS_LAST, BLOCK_K)
         if last:
             _combine_channels(partial_ptr, tl.num_programs(1), C, C, partial_field_stride, channels, channels < C,
-                              mean_ptr, invstd_ptr, count_ptr, None, running_mean_ptr, running_var_ptr,
+                              mean_ptr, invstd_ptr, inv_counts_ptr, None, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum_hi, momentum_lo, eps,
                               UPDATE_RUNNING, CUMULATIVE_AVERAGE, False,
                               _combine_block(BLOCK_R, BLOCK_K, CHANNELS_LAST), COUNT_STEP, INDEX_64, MASKED)
@@ -206,7 +205,7 @@ def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = N
     """(save_mean, save_invstd) in one launch: the partial pass, whose last program per
     channel (block) combines; running statistics (contiguous) updated in place, exactly once.
     ``mask`` (view.mask_view): statistics over the positions it counts; then (save_mean,
-    save_invstd, count), count the [C] elements each channel counted (the backward's M_c).
+    save_invstd, inv_counts), inv_counts the backward's 1 / M_c per channel ([C, 2] float32 hi, lo).
 
     ``num_batches_tracked``: the step counter, incremented by this launch (exactly once);
     ``momentum=None`` replaces momentum by the cumulative-average factor 1 / (its new value),
@@ -222,7 +221,7 @@ def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = N
     mean = fresh(torch.empty(shape[2], dtype=acc, device=x.device))
     invstd = fresh(torch.empty(shape[2], dtype=acc, device=x.device))
     m = None if mask is None else mask.tensor
-    counted = None if mask is None else fresh(torch.empty(shape[2], dtype=acc, device=x.device))
+    inv_counts = None if mask is None else fresh(torch.empty((shape[2], 2), dtype=torch.float32, device=x.device))
     update = running_mean is not None
     count = num_batches_tracked is not None
     cumulative = momentum is None
@@ -232,18 +231,18 @@ def bn_stats(view: NQKView, eps: float, running_mean: Optional[torch.Tensor] = N
     key = (geometry_key, True, update, count, tensor_key(x, running_mean, running_var, num_batches_tracked, m),
            momentum, eps, evict_last)
     tickets = _tickets(x.device, shape[2] + 1)  # one per channel block, one for the step counter
-    tensors = tuple(t for t in (x, partial, m, tickets, mean, invstd, counted, running_mean, running_var,
+    tensors = tuple(t for t in (x, partial, m, tickets, mean, invstd, inv_counts, running_mean, running_var,
                                 num_batches_tracked) if t is not None)
 
     def build():
-        args = (x, partial, *ints, m, *mask_strides, tickets, mean, invstd, counted, running_mean, running_var,
+        args = (x, partial, *ints, m, *mask_strides, tickets, mean, invstd, inv_counts, running_mean, running_var,
                 num_batches_tracked, *split_float(0.0 if cumulative else momentum), float(eps))
         return grid, args, _fused_constexprs(constexprs["CHANNELS_LAST"], constexprs["ACC_DTYPE"],
                                              constexprs["DENSE_ROWS"], constexprs["INDEX_64"], update, count,
                                              cumulative, evict_last, m is not None), \
             tuple(i for i, t in zip(_MUTATED_ARGS, (running_mean, running_var, num_batches_tracked)) if t is not None)
     _PARTIAL.run(key, tensors, build)
-    return (mean, invstd) if m is None else (mean, invstd, counted)
+    return (mean, invstd) if m is None else (mean, invstd, inv_counts)
 
 
 _PARTIAL = Launch(_bn_stats_partial_kernel)

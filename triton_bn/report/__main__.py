@@ -8,6 +8,7 @@
     python -m triton_bn.report --shapes resnet50 --only 512x7x7 --batch 64 --first-config
     python -m triton_bn.report --kernel cooperative --arch 90,80 --barrier-ptx   # their barrier's PTX
     python -m triton_bn.report --shapes resnet50 --cooperative  # + the launchers with the switch on
+    python -m triton_bn.report --shapes resnet50 --masked --first-config  # + masked training launches
 
 Columns: see the README section "Reading the kernel resource report". A cold run compiles
 every row (~1 s each, spread over --jobs processes); Triton's cache and the SASS cache make
@@ -103,6 +104,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     parser.add_argument("--no-cooperative", action="store_true",
                         help="leave out the cooperative kernels (behind TRITON_BN_COOPERATIVE, off by default)")
+    parser.add_argument("--masked", action="store_true",
+                        help="also the masked training launches (variant train-masked; masked batch norm); "
+                             "with --shapes, each case's")
     parser.add_argument("--barrier-ptx", action="store_true",
                         help="after the table, the cooperative kernels' barrier PTX (acquire/release, spin loop)")
     shapes = parser.add_argument_group("real shapes (--shapes)")
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
         return _shapes_report(args)
     jobs = compile_jobs(archs=[int(a) for a in _csv(args.arch)], dtypes=_csv(args.dtype),
                         layouts=_csv(args.layout), kernels=_csv(args.kernel), kept_only=args.kept_only,
-                        cooperative=not args.no_cooperative)
+                        cooperative=not args.no_cooperative, masked=args.masked)
     print(f"compiling {len(jobs)} kernel configs ...", file=sys.stderr)
     rows = run_jobs(jobs, workers=args.jobs, sass=not args.ptx)
     return _emit(rows, args.json, f"widths from {'PTX' if args.ptx else 'SASS'}; kept = the autotuner's pruning "
@@ -159,7 +163,7 @@ def _shapes_report(args) -> int:
         chosen = wanted
     formats = [(d, lay) for d, lay in FORMATS if d in _csv(args.dtype) and lay in _csv(args.layout)]
     jobs, cases = shape_jobs(chosen, [int(b) for b in _csv(args.batch)], formats, [int(a) for a in _csv(args.arch)],
-                             _csv(args.kernel), args.first_config, args.cooperative)
+                             _csv(args.kernel), args.first_config, args.cooperative, args.masked)
     print(f"{len(cases)} cases, {sum(len(j) for _, j in cases)} rows, compiling {len(jobs)} distinct kernels ...",
           file=sys.stderr)
     rows = [shapes_table.with_budget(r) for r in case_rows(cases, jobs, run_jobs(jobs, workers=args.jobs))]

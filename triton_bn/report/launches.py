@@ -162,11 +162,12 @@ def _recording(sink: list):
 LAUNCH_OPTIONS = ("maxnreg", "launch_cooperative_grid")
 
 
-def _scenarios(x: torch.Tensor, dispatched: bool = False, cooperative: bool = False):
+def _scenarios(x: torch.Tensor, dispatched: bool = False, cooperative: bool = False, masked: bool = False):
     """(variant, thunk) for each way the library launches kernels on x (the split path), then
     the on-chip kernels' launches on ``onchip_slab(x)``. ``dispatched``: the launches on x
     alone, on whichever path the launchers pick under the current on-chip switch (the
-    ResNet-50 sweep records each shape with the switch off and on)."""
+    ResNet-50 sweep records each shape with the switch off and on). ``masked``: the training
+    launches with a mask too (variant "train-masked"; masked batch norm, docs/masked.md)."""
     from triton_bn.kernels import (bn_backward, bn_forward_eval, bn_forward_train, bn_stats_combine,
                                    bn_stats_partial, input_view)
     from triton_bn.kernels.tuning import use_onchip
@@ -187,15 +188,32 @@ def _scenarios(x: torch.Tensor, dispatched: bool = False, cooperative: bool = Fa
         ("train", split(lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=True))),
         ("eval", split(lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, training=False))),
     ]
+    if masked:
+        on_x += _masked_scenarios(x, split)
     if dispatched:
         return on_x
-    return on_x + (_cooperative_scenarios(x) if cooperative else []) + [
+    return on_x + (_cooperative_scenarios(x, masked) if cooperative else []) + \
+        (_masked_scenarios(slab, lambda thunk: thunk) if masked else []) + [
         ("train", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5)),
         ("train-fused", lambda: bn_forward_train(slab, svec(), svec(), svec(), svec(), 0.1, 1e-5, **leaky)),
         ("train", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, training=True)),
         ("train-fused", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, True, (True,) * 4,
                                             bias=svec(), from_output=True, **leaky)),
         ("eval", lambda: bn_backward(slab_dy, slab, svec(), svec(), svec(), 1e-5, training=False)),
+    ]
+
+
+def _masked_scenarios(x: torch.Tensor, path):
+    """Forward-train and backward on x with a mask of x's positions (N, *spatial), through
+    ``path`` (the split path's context, or none: whatever the launchers dispatch to)."""
+    from triton_bn.kernels import bn_backward, bn_forward_train
+    mask = torch.empty((x.shape[0], *x.shape[2:]), dtype=torch.bool, device=x.device)
+    vec = lambda: torch.empty(x.shape[1], dtype=torch.float32, device=x.device)  # noqa: E731
+    dy = torch.empty_like(x)
+    return [
+        ("train-masked", path(lambda: bn_forward_train(x, vec(), vec(), vec(), vec(), 0.1, 1e-5, mask=mask))),
+        ("train-masked", path(lambda: bn_backward(dy, x, vec(), vec(), vec(), 1e-5, True, mask=mask,
+                                                  inv_counts=torch.empty((x.shape[1], 2), device=x.device)))),
     ]
 
 
@@ -210,16 +228,20 @@ def cooperative_slab(x: torch.Tensor) -> torch.Tensor:
     return torch.empty((64, 512, 7, 7), dtype=x.dtype, device="meta").to(memory_format=torch.channels_last)
 
 
-def _cooperative_scenarios(x: torch.Tensor):
+def _cooperative_scenarios(x: torch.Tensor, masked: bool = False):
     """The cooperative kernels (kernels/cooperative.py) on cooperative_slab(x), plain and with the
-    heaviest epilogue, recorded with the switch on; the on-chip path off, so the slab cannot go
-    there. Its single launch (PHASE 0: tuning's interpreter flag is off while recording)."""
+    heaviest epilogue (and ``masked``, with a mask), recorded with the switch on; the on-chip path
+    off, so the slab cannot go there. Its single launch (PHASE 0: tuning's interpreter flag is off
+    while recording)."""
+    from triton_bn.kernels.view import mask_view
     from triton_bn.kernels import cooperative, input_view
     from triton_bn.kernels.tuning import use_cooperative
     slab = cooperative_slab(x)
     dy, r = torch.empty_like(slab), torch.empty_like(slab)
     vec = lambda: torch.empty(slab.shape[1], dtype=torch.float32, device=x.device)  # noqa: E731
     leaky = dict(activation=2, residual=r)
+    mask = torch.empty((slab.shape[0], *slab.shape[2:]), dtype=torch.bool, device=x.device)
+    inv_counts = torch.empty((slab.shape[1], 2), device=x.device)
 
     def on(thunk):
         def run():
@@ -238,7 +260,13 @@ def _cooperative_scenarios(x: torch.Tensor):
                                                                       (True, True, True, False)))),
         ("train-fused", on(lambda v, p: cooperative.bn_cooperative_backward(
             v, p, dy, vec(), vec(), vec(), 1e-5, True, (True,) * 4, bias=vec(), from_output=True, **leaky))),
-    ]
+    ] + ([
+        ("train-masked", on(lambda v, p: cooperative.bn_cooperative_forward(
+            v, p, vec(), vec(), vec(), vec(), 0.1, 1e-5, mask=mask_view(v, mask)))),
+        ("train-masked", on(lambda v, p: cooperative.bn_cooperative_backward(
+            v, p, dy, vec(), vec(), vec(), 1e-5, True, (True, True, True, False), mask=mask_view(v, mask),
+            inv_counts=inv_counts))),
+    ] if masked else [])
 
 
 def _call_with(context, thunk):
@@ -336,11 +364,12 @@ def job_key(job: CompileJob) -> tuple:
 
 
 def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,), dispatched: bool = False,
-                  cooperative: bool = False) -> List[CompileJob]:
+                  cooperative: bool = False, masked: bool = False) -> List[CompileJob]:
     """The distinct jobs of every launch the library makes on ``x`` (a meta tensor), each
-    launch paired with every config it can run with (``dispatched``, ``cooperative``: see _scenarios)."""
+    launch paired with every config it can run with (``dispatched``, ``cooperative``,
+    ``masked``: see _scenarios)."""
     jobs: Dict[tuple, CompileJob] = {}
-    for variant, launch_all in _scenarios(x, dispatched, cooperative):
+    for variant, launch_all in _scenarios(x, dispatched, cooperative, masked):
         sink: List[_Launch] = []
         with _recording(sink):
             launch_all()
@@ -353,14 +382,16 @@ def recorded_jobs(x: torch.Tensor, dtype: str, layout: str, archs=(90,), dispatc
 
 def compile_jobs(archs=(90,), dtypes=("fp32", "fp16", "bf16"), layouts=("NCHW", "NHWC"),
                  kernels: Optional[List[str]] = None, kept_only: bool = False,
-                 cooperative: bool = False) -> List[CompileJob]:
+                 cooperative: bool = False, masked: bool = False) -> List[CompileJob]:
     """Every distinct (kernel specialization, config, arch) the library launches for the
     representative shapes. ``kernels``: keep names containing any of these substrings;
-    ``cooperative``: the cooperative kernels too (behind their switch, off by default)."""
+    ``cooperative``: the cooperative kernels too (behind their switch, off by default);
+    ``masked``: the masked training variants too."""
     jobs: Dict[tuple, CompileJob] = {}
     for layout in layouts:
         for dtype in dtypes:
-            for job in recorded_jobs(LAYOUTS[layout](DTYPES[dtype]), dtype, layout, archs, cooperative=cooperative):
+            for job in recorded_jobs(LAYOUTS[layout](DTYPES[dtype]), dtype, layout, archs, cooperative=cooperative,
+                                     masked=masked):
                 jobs.setdefault(job_key(job), job)
     selected = [j for j in jobs.values()
                 if (not kernels or any(k in j.name for k in kernels)) and (j.kept or not kept_only)]

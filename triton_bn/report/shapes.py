@@ -74,12 +74,13 @@ def parse_shape(text: str) -> Tuple[int, int, int]:
 
 def shape_jobs(shapes: Sequence[Tuple[int, int, int]] = RESNET50_SHAPES, batches: Sequence[int] = BATCHES,
                formats: Sequence[Tuple[str, str]] = FORMATS, archs=(90,), kernels: Optional[List[str]] = None,
-               first_config: bool = False,
-               cooperative: bool = False) -> Tuple[List[CompileJob], List[Tuple[Case, List[CompileJob]]]]:
+               first_config: bool = False, cooperative: bool = False,
+               masked: bool = False) -> Tuple[List[CompileJob], List[Tuple[Case, List[CompileJob]]]]:
     """(distinct jobs to compile, [(case, the case's jobs)]). A case's jobs are the kept
     configs of its autotuned launches and its fixed-config launches; ``first_config``: only
     the first kept config of each launch (the one ``TRITON_BN_PIN_CONFIG=1`` runs), for
-    quick checks. ``kernels``: substrings of kernel names to keep; ``cooperative``: see launch_paths."""
+    quick checks. ``kernels``: substrings of kernel names to keep; ``cooperative``: see launch_paths;
+    ``masked``: each case's training launches with a mask too (variant "train-masked")."""
     unique: Dict[tuple, CompileJob] = {}
     cases = []
     for label, context in launch_paths(cooperative):
@@ -88,7 +89,7 @@ def shape_jobs(shapes: Sequence[Tuple[int, int, int]] = RESNET50_SHAPES, batches
                 for dtype, layout in formats:
                     case = Case(N, C, H, W, dtype, layout, label)
                     with context():
-                        jobs = recorded_jobs(case.tensor(), dtype, layout, archs, dispatched=True)
+                        jobs = recorded_jobs(case.tensor(), dtype, layout, archs, dispatched=True, masked=masked)
                     jobs = [j for j in jobs if j.kept and (not kernels or any(k in j.name for k in kernels))]
                     if first_config:
                         seen, first = set(), []
