@@ -8,7 +8,8 @@
 
 Modules, one idea each: env (where we run, versions, labels), bytes_model (bytes and FLOPs per
 op), resnet50_layers (ResNet-50's BN layers and their shapes: the goal's weights), suites (named
-sweeps of shapes), impls (the implementations side by side), check (float64 reference; a wrong
+sweeps of shapes), impls (the implementations side by side), masked (masked batch norm's cases,
+the torch composition a user writes, the masked implementations), check (float64 reference; a wrong
 result is an error, never a number), timing (do_bench / copy ceiling), harness (cases -> rows),
 results (CSV schema), plot (CSV -> PNGs), summary (CSV -> text), host (host cost per call) over
 host_driver + libcuda_stub.c (Triton's CUDA driver with the launch stubbed). resnet50 is a

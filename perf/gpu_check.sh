@@ -12,7 +12,8 @@
 # `timeout -k` = 630 s at worst: over a 10-minute device call, so pass SKIP_MODEL=1 (step 4) there
 # (COOP_TEST_TIMEOUT=1 COOP_PERF_TIMEOUT=1 all but skip 2b), and a few seconds of version
 # queries and tar (the quick suite:
-# 9 cases, 3 of ResNet-50's shapes at batch 256 among them; test_perf.py keeps it at most 10).
+# 10 cases, 3 of ResNet-50's shapes at batch 256 among them, the masked speech case last;
+# test_perf.py keeps it at most 10).
 # Installs nothing (the device machine has no network); without matplotlib the perf run still
 # writes the CSV and summary, just no PNGs.
 #
