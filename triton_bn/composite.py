@@ -75,12 +75,18 @@ def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean: Optiona
                 running_var.mul_(1 - momentum).add_(unbiased.reshape(-1).to(running_var.dtype), alpha=momentum)
     else:
         mean, var = running_mean.to(acc).reshape(shape), running_var.to(acc).reshape(shape)
+    return _normalized(xf, mean, var, eps, weight, bias).to(x.dtype)
+
+
+def _normalized(xf, mean, var, eps, weight, bias):
+    """(x - mean) / sqrt(var + eps) * weight + bias in x's (accumulation) dtype, per channel."""
+    shape = [1, xf.shape[1]] + [1] * (xf.dim() - 2)
     y = (xf - mean) * torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.to(acc).reshape(shape)
+        y = y * weight.to(xf.dtype).reshape(shape)
     if bias is not None:
-        y = y + bias.to(acc).reshape(shape)
-    return y.to(x.dtype)
+        y = y + bias.to(xf.dtype).reshape(shape)
+    return y
 
 
 def composite_grads(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -105,11 +111,7 @@ def composite_grads(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional
             var, mu = torch.var_mean(xf, dims, correction=0, keepdim=True)
         else:
             var, mu = stat.to(acc).reshape(shape), mean.to(acc).reshape(shape)
-        y = (xf - mu) * torch.rsqrt(var + eps)
-        if weight is not None:
-            y = y * weight.to(acc).reshape(shape)
-        if bias is not None:
-            y = y + bias.to(acc).reshape(shape)
+        y = _normalized(xf, mu, var, eps, weight, bias)
         if residual is not None:
             y = y + residual.to(acc)
         y = torch_activation(y, activation, negative_slope)

@@ -37,7 +37,7 @@ from .helpers import _combine_block, split_float
 from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype
 from .tickets import tickets as _tickets
-from .onchip import _mask_strides
+from .onchip import _mask_strides, one_read_outputs
 from .tuning import (COOPERATIVE_MAX_REGISTERS, COOPERATIVE_VALUES_PER_THREAD, COOPERATIVE_WARPS, SM_COUNT_ASSUMED,
                      _sm_count, cdiv, co_resident_programs, cooperative_enabled, interpreting)
 from .view import NQKView, addressing, empty_output, mergeable, nqk_view, output_geometry
@@ -163,19 +163,8 @@ def bn_cooperative_backward(view: NQKView, plan: tuple, dy: torch.Tensor, mean: 
         return None, None, None, None
     x = view.tensor
     block_r, block_k, num_warps, G, blocks = plan
-    fused = activation != 0 or from_output
-    if not fused:  # dz = dy: neither beta nor the residual is read
-        bias = residual = None
-    dy_view = nqk_view(dy, view.channels_last)
-    r_view = None if residual is None else nqk_view(residual, view.channels_last)
-    dx = fresh(empty_output(view)) if need_dx else None
-    dr = fresh(empty_output(view)) if need_dr else None
-    out = dx if dx is not None else dr  # dx and dr share strides; neither: dx_view is unused
-    dx_view = view if out is None else NQKView(out, *output_geometry(view, out))
-    if param_dtype is None:
-        param_dtype = weight.dtype if weight is not None else x.dtype
-    d_weight = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_dw else None
-    d_bias = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_db else None
+    fused, bias, residual, dy_view, r_view, dx, dr, dx_view, d_weight, d_bias = one_read_outputs(
+        view, dy, weight, bias, residual, activation, from_output, needs, param_dtype)
     sums_needed = training or need_dw or need_db
     acc = acc_dtype(x.dtype)
     partial = fresh(torch.empty((2, G, view.C), dtype=acc, device=x.device)) if sums_needed else None

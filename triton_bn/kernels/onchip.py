@@ -302,6 +302,29 @@ def bn_onchip_forward(view: NQKView, tile: tuple, weight: Optional[torch.Tensor]
     return (y, mean, invstd) if m is None else (y, mean, invstd, inv_counts)
 
 
+def one_read_outputs(view: NQKView, dy: torch.Tensor, weight, bias, residual, activation: int, from_output: bool,
+                     needs: tuple, param_dtype) -> tuple:
+    """What a one-read backward (on chip, cooperative.py) launches with: (fused, bias, residual,
+    dy's view, the residual's view, dx, dr, dx's view, dweight, dbias); the outputs fresh where
+    ``needs`` asks for them, else None. Unfused, dz = dy: neither beta nor the residual is read."""
+    need_dx, need_dw, need_db, need_dr = needs
+    x = view.tensor
+    fused = activation != 0 or from_output
+    if not fused:
+        bias = residual = None
+    dy_view = nqk_view(dy, view.channels_last)
+    r_view = None if residual is None else nqk_view(residual, view.channels_last)
+    dx = fresh(empty_output(view)) if need_dx else None
+    dr = fresh(empty_output(view)) if need_dr else None
+    out = dx if dx is not None else dr  # dx and dr share strides; neither: dx_view is unused
+    dx_view = view if out is None else NQKView(out, *output_geometry(view, out))
+    if param_dtype is None:
+        param_dtype = weight.dtype if weight is not None else x.dtype
+    d_weight = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_dw else None
+    d_bias = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_db else None
+    return fused, bias, residual, dy_view, r_view, dx, dr, dx_view, d_weight, d_bias
+
+
 def _mask_strides(mask: Optional[NQKView]) -> tuple:
     return (0, 0, 0) if mask is None else mask.strides
 
@@ -321,19 +344,8 @@ def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch
         return None, None, None, None
     x = view.tensor
     block_r, block_k, num_warps = tile
-    fused = activation != 0 or from_output
-    if not fused:  # dz = dy: neither beta nor the residual is read
-        bias = residual = None
-    dy_view = nqk_view(dy, view.channels_last)
-    r_view = None if residual is None else nqk_view(residual, view.channels_last)
-    dx = fresh(empty_output(view)) if need_dx else None
-    dr = fresh(empty_output(view)) if need_dr else None
-    out = dx if dx is not None else dr  # dx and dr share strides; neither: dx_view is unused
-    dx_view = view if out is None else NQKView(out, *output_geometry(view, out))
-    if param_dtype is None:
-        param_dtype = weight.dtype if weight is not None else x.dtype
-    d_weight = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_dw else None
-    d_bias = fresh(torch.empty(view.C, dtype=param_dtype, device=x.device)) if need_db else None
+    fused, bias, residual, dy_view, r_view, dx, dr, dx_view, d_weight, d_bias = one_read_outputs(
+        view, dy, weight, bias, residual, activation, from_output, needs, param_dtype)
     masked = mask is not None and training and need_dx
     m, inv_counts = (mask.tensor, inv_counts) if masked else (None, None)
     key = (view[1:], dy_view[1:], dx_view[1:], None if r_view is None else r_view[1:], training, activation,
