@@ -12,10 +12,9 @@ import triton.language as tl
 from .activation import _activation, _recompute
 from .backward import _combine_sums
 from .combine import _combine_channels
-from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _counted, _dx_coefficients, _first_counted,
-                      _inv_count_parts, _load_channel_param, _load_channel_stats, _tile_offsets, _training_dx,
-                      _wide_scalar)
-from .onchip import _per_channel
+from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _counted, _first_counted,
+                      _load_channel_param, _load_channel_stats, _tile_offsets, _wide_scalar)
+from .onchip import _per_channel, _slab_dx
 
 
 @triton.jit
@@ -215,7 +214,7 @@ def _bn_cooperative_backward_kernel(
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
-    MASKED: tl.constexpr,  # training dx of a masked forward (backward.py)
+    MASKED: tl.constexpr,  # training dx of a masked forward (onchip._slab_dx)
     PHASE: tl.constexpr,  # 0: all, with barriers (GPU); 1, 2, 3: one phase per launch (interpreter)
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -254,15 +253,10 @@ def _bn_cooperative_backward_kernel(
             if TRAINING:
                 sum_dz = tl.load(sums_ptr + channels, mask=channel_mask, other=0.0)
                 sum_dz_xmu = tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0)
-                if MASKED:
-                    inv_count_hi, inv_count_lo = _inv_count_parts(inv_counts_ptr, channels, channel_mask)
-                mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
-                dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
-                                  _along_channel_axis(proj, CHANNELS_LAST, False))
-                if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
-                    dx = tl.where(_counted(mask_ptr, rows, cols, block, Q, mask_n_stride, mask_q_stride, mask_k_stride,
-                                           valid, rows < N * Q, CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS,
-                                           INDEX_64, MASKED), dx, dz * a)
+                counted = _counted(mask_ptr, rows, cols, block, Q, mask_n_stride, mask_q_stride, mask_k_stride, valid,
+                                   rows < N * Q, CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS, INDEX_64, MASKED)
+                dx = _slab_dx(dz, xmu, a, invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, inv_counts_ptr,
+                              counted, channels, channel_mask, CHANNELS_LAST, ACC_DTYPE, MASKED)
             else:
                 dx = dz * a
             tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)

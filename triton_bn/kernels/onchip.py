@@ -70,6 +70,22 @@ def _per_channel(tile, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _slab_dx(dz, xmu, a, invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, inv_counts_ptr, counted, channels,
+             channel_mask, CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """Training dx of a slab held in registers (on chip, and cooperative_kernels.py) from its
+    channels' sums; a = gamma * invstd on the tile. MASKED: 1 / M_c from the forward's inv_counts,
+    and an uncounted position (``counted`` False) enters no statistic: only its own term, dz * a."""
+    if MASKED:
+        inv_count_hi, inv_count_lo = _inv_count_parts(inv_counts_ptr, channels, channel_mask)
+    mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
+    dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
+                      _along_channel_axis(proj, CHANNELS_LAST, False))
+    if MASKED:
+        dx = tl.where(counted, dx, dz * a)
+    return dx
+
+
+@triton.jit
 def _bn_onchip_forward_kernel(
     x_ptr,  # [N, Q, K] input, strides x_{n,q,k}_stride
     r_ptr,  # [N, Q, K] residual (HAS_RESIDUAL), strides r_{n,q,k}_stride
@@ -172,7 +188,7 @@ def _bn_onchip_backward_kernel(
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DENSE_ROWS: tl.constexpr, INDEX_64: tl.constexpr,  # addressing (helpers._row_offsets)
-    MASKED: tl.constexpr,  # training dx of a masked forward (backward.py: _masked_dx)
+    MASKED: tl.constexpr,  # training dx of a masked forward (_slab_dx)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -219,15 +235,10 @@ def _bn_onchip_backward_kernel(
     if WRITE_DX:
         a = _along_channel_axis(invstd * gamma, CHANNELS_LAST, False)
         if TRAINING:
-            if MASKED:
-                inv_count_hi, inv_count_lo = _inv_count_parts(inv_counts_ptr, channels, channel_mask)
-            mean_dz, proj = _dx_coefficients(invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, ACC_DTYPE)
-            dx = _training_dx(dz, xmu, a, _along_channel_axis(mean_dz, CHANNELS_LAST, False),
-                              _along_channel_axis(proj, CHANNELS_LAST, False))
-            if MASKED:  # an uncounted position enters no statistic: only its own term, as in eval
-                dx = tl.where(_counted(mask_ptr, rows, cols, pid, Q, mask_n_stride, mask_q_stride, mask_k_stride, valid,
-                                       rows < N * Q, CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS, INDEX_64,
-                                       MASKED), dx, dz * a)
+            counted = _counted(mask_ptr, rows, cols, pid, Q, mask_n_stride, mask_q_stride, mask_k_stride, valid,
+                               rows < N * Q, CHANNELS_LAST, CHANNELS_LAST, False, DENSE_ROWS, INDEX_64, MASKED)
+            dx = _slab_dx(dz, xmu, a, invstd, sum_dz, sum_dz_xmu, inv_count_hi, inv_count_lo, inv_counts_ptr, counted,
+                          channels, channel_mask, CHANNELS_LAST, ACC_DTYPE, MASKED)
         else:
             dx = dz * a
         tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
