@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The torch/Triton version matrix: one virtual environment per pair, each with the project
-# installed from this checkout, running the kernel, functional, module, op and version tests
+# installed from this checkout, running the kernel, functional, module, op, version and masked-layer tests
 # through Triton's interpreter, then `python -m perf host` (the real sm_90 compile and C launch
 # path against a stub libcuda) and its tests. Prints a pass/fail table with timings; exits
 # non-zero if any pair fails.
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENVS=${TRITON_BN_VENVS:-$HOME/.cache/triton_bn-ci}
 WORKERS=${TRITON_BN_VERSION_WORKERS:-2}
-TESTS=${TRITON_BN_VERSION_TESTS:-tests/test_kernels.py tests/test_functional.py tests/test_modules.py tests/test_ops.py tests/test_versions.py tests/test_perf_host.py}
+TESTS=${TRITON_BN_VERSION_TESTS:-tests/test_kernels.py tests/test_functional.py tests/test_modules.py tests/test_ops.py tests/test_versions.py tests/test_perf_host.py tests/test_masked_layers.py}
 
 # name  python  torch  triton  numpy (Triton 3.5/3.6's interpreter fails with numpy >= 2.4)
 # sm90: the GPU machine's pair; t2.12: Triton 3.7; t2.14: the newest torch on this machine's
