@@ -164,7 +164,7 @@ def _common(**extra):
 def _mask(seed, masked):
     """(mask buffer, its [N, Q, K] strides, constexpr): the first ROWS (n, q) positions of a mask
     over the 2^31 rows, stride 0 along the channels (view.mask_view), first position uncounted;
-    backed by one step of the pivot's scan (helpers._first_counted reads 128 positions)."""
+    backed by one step of the pivot's scan (masking._first_counted reads 128 positions)."""
     if not masked:
         return None, dict(mask_n_stride=0, mask_q_stride=0, mask_k_stride=0), {}
     counted = torch.rand(128, generator=torch.Generator().manual_seed(seed)) > 0.3  # a step of the pivot's scan

@@ -31,10 +31,10 @@ import triton
 import triton.language as tl
 
 from .activation import _recompute
-from .helpers import (_combine_block, _along_channel_axis, _counted, _dx_coefficients, _elementwise_offsets,
-                      _elementwise_tile, _inv_count_parts, _l2_policy, _last_of_channel, _walk_pid,
-                      _load_channel_param, _load_channel_stats, _release_ticket,
-                      _split_bounds, _tile_offsets, _training_dx, _wide, _wide_scalar, split_float)
+from .helpers import (_combine_block, _along_channel_axis, _dx_coefficients, _elementwise_offsets, _elementwise_tile,
+                      _l2_policy, _last_of_channel, _walk_pid, _load_channel_param, _load_channel_stats,
+                      _release_ticket, _split_bounds, _tile_offsets, _training_dx, _wide, _wide_scalar, split_float)
+from .masking import _counted, _inv_count_parts
 from .normalize import elementwise_grid
 from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _invstd, _is_finite, _store_inv_counts, _wide, _wide_scalar, split_float
+from .helpers import _invstd, _is_finite, _wide, _wide_scalar, split_float
+from .masking import _store_inv_counts
 from .launch import Launch, tensor_key
 from .tuning import cdiv
 from .view import fits_int32

@@ -12,8 +12,9 @@ import triton.language as tl
 from .activation import _activation, _recompute
 from .backward import _combine_sums
 from .combine import _combine_channels
-from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _counted, _first_counted,
-                      _load_channel_param, _load_channel_stats, _tile_offsets, _wide_scalar)
+from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _load_channel_param, _load_channel_stats,
+                      _tile_offsets, _wide_scalar)
+from .masking import _counted, _first_counted
 from .onchip import _per_channel, _slab_dx
 
 

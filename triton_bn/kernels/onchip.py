@@ -32,9 +32,9 @@ import triton.language as tl
 
 from .activation import _activation, _recompute
 from .combine import _finish_channels
-from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _counted, _dx_coefficients, _first_counted,
-                      _inv_count_parts, _load_channel_param, _load_channel_stats, _tile_offsets, _training_dx,
-                      _wide_scalar, split_float)
+from .helpers import (_along_channel_axis, _channel_pivot, _count_step, _dx_coefficients, _load_channel_param,
+                      _load_channel_stats, _tile_offsets, _training_dx, _wide_scalar, split_float)
+from .masking import _counted, _first_counted, _inv_count_parts
 from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype
 from .tickets import tickets as _tickets

@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import (_channel_pivot, _combine_block, _count_step, _counted, _first_counted, _l2_policy,
-                      _lane_counts, _last_of_channel, _merge_groups, _release_ticket, _split_bounds, _tile_offsets,
-                      _wide, split_float)
+from .helpers import (_channel_pivot, _combine_block, _count_step, _l2_policy, _lane_counts, _last_of_channel,
+                      _merge_groups, _release_ticket, _split_bounds, _tile_offsets, _wide, split_float)
+from .masking import _counted, _first_counted
 from .combine import _combine_channels
 from .launch import Launch, fresh, tensor_key
 from .tickets import tickets as _tickets
