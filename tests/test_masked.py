@@ -293,6 +293,16 @@ def test_bad_masks_fail_before_any_kernel(bad, error, device, monkeypatch):
         assert torch.equal(old, new)
 
 
+def test_torch_path_checks_before_the_step_counter_moves(device):
+    """Where torch's ops compute (an empty batch here; also torch.jit tracing, devices without
+    kernels), a bad masked call raises before num_batches_tracked moves."""
+    bn = triton_bn.BatchNorm1d(3).to(device)
+    bn.weight = torch.nn.Parameter(torch.ones(4, device=device))
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
+        bn(torch.empty(0, 3, 5, device=device), torch.ones(0, 5, dtype=torch.bool, device=device))
+    assert int(bn.num_batches_tracked) == 0
+
+
 def test_a_mask_needs_positions(device):
     with pytest.raises(ValueError, match="at least 2-D"):
         triton_bn.batch_norm(torch.randn(5, device=device), None, None, training=True,

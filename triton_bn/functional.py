@@ -63,11 +63,6 @@ def _contiguous_param(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.reshape(-1).contiguous()
 
 
-def _no_mask_1d(input: torch.Tensor):
-    raise ValueError(f"batch_norm: a mask needs an input with a feature axis and positions (at least 2-D), got "
-                     f"a {input.dim()}-D input")
-
-
 def feature_axis(axis: int, ndim: int) -> int:
     """``axis`` in [0, ndim) for an ndim-D input; the batch axis 0 is not a feature axis."""
     if not -ndim <= axis < ndim:
@@ -90,7 +85,7 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
     launch of its own), and with ``cumulative_average`` (momentum=None) its reciprocal replaces
     ``momentum`` on the device, with no host sync."""
     if mask is not None:
-        mask = check_mask(input, mask) if input.dim() >= 2 else _no_mask_1d(input)
+        mask = check_mask(input, mask)
         if not training:
             mask = None  # eval normalizes with the running statistics: the mask changes nothing
     if (mask is None and save == "input" and not inplace and type(negative_slope) is float
@@ -105,6 +100,8 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
         # Nothing to compute (torch's own semantics for empty and 1-D input: no statistics
         # update, a differentiable empty output), or no Triton backend for this device.
         # The fused epilogue as torch ops; inplace has no effect on this path.
+        if mask is not None:  # F.batch_norm checks its own arguments; the composition, here, first
+            check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, check_count=False)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
             if cumulative_average:
@@ -112,7 +109,6 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
         if save_output and weight is not None:
             weight = weight.abs() + eps
         if mask is not None:
-            check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, check_count=False)
             y = masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
         else:
             y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

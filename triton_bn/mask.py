@@ -33,6 +33,9 @@ def check_mask(input: torch.Tensor, mask) -> torch.Tensor:
     a bool tensor on the input's device whose shape broadcasts to (N, *spatial) (torch's
     broadcasting rules and error). Returns it expanded to that shape, as a view when its
     spatial dims merge into one strided axis (the kernels read it in place), else one copy."""
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: a mask needs an input with a feature axis and positions (at least 2-D), got "
+                         f"a {input.dim()}-D input")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"batch_norm: mask must be a bool Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
