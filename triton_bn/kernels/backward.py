@@ -40,7 +40,7 @@ from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype
 from .tickets import tickets as _tickets
 from .tuning import autotune_tiles, cdiv, flat_walk, stats_splits
-from .view import NQKView, addressing, empty_output, nqk_view, output_geometry, split_addressing
+from .view import NQKView, addressing, empty_output, mask_strides, nqk_view, output_geometry, split_addressing
 
 
 @autotune_tiles()
@@ -360,7 +360,7 @@ def bn_backward_dx(view: NQKView, dy: torch.Tensor, mean: torch.Tensor, stat: to
         flat = flat_walk((view[1:], dy_view[1:], dx_view[1:], r_geometry, m_geometry))
         args = (x, dy, dx, residual, dr, mean, stat, weight, bias, sums, inv_counts, m,
                 view.N, view.Q, view.K, C, *view.strides, *dy_view.strides, *dx_view.strides,
-                *(view.strides if r_view is None else r_view.strides), *((0, 0, 0) if mask is None else mask.strides),
+                *(view.strides if r_view is None else r_view.strides), *mask_strides(mask),
                 *split_float(inv_count), float(eps), *split_float(negative_slope))
         constexprs = dict(TRAINING=training, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                           CHANNELS_LAST=view.channels_last, ACC_DTYPE=tl_dtype(x.dtype), HAS_BIAS=bias is not None,

@@ -37,10 +37,10 @@ from .helpers import _combine_block, split_float
 from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype
 from .tickets import tickets as _tickets
-from .onchip import _mask_strides, one_read_outputs
+from .onchip import one_read_outputs
 from .tuning import (COOPERATIVE_MAX_REGISTERS, COOPERATIVE_VALUES_PER_THREAD, COOPERATIVE_WARPS, SM_COUNT_ASSUMED,
                      _sm_count, cdiv, co_resident_programs, cooperative_enabled, interpreting)
-from .view import NQKView, addressing, empty_output, mergeable, nqk_view, output_geometry
+from .view import NQKView, addressing, empty_output, mask_strides, mergeable, nqk_view, output_geometry
 
 
 _FORWARD = Launch(_bn_cooperative_forward_kernel)
@@ -136,7 +136,7 @@ def bn_cooperative_forward(view: NQKView, plan: tuple, weight: Optional[torch.Te
         def build(phase=phase):
             args = (x, residual, y, partial, mean, invstd, inv_counts, m, weight, bias, running_mean, running_var,
                     num_batches_tracked, tickets, view.N, view.Q, view.K, view.C, G, *view.strides,
-                    *(view.strides if r_view is None else r_view.strides), *y_view.strides, *_mask_strides(mask),
+                    *(view.strides if r_view is None else r_view.strides), *y_view.strides, *mask_strides(mask),
                     *split_float(0.0 if cumulative else momentum), float(eps), *split_float(negative_slope))
             constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
                               COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative, CHANNELS_LAST=view.channels_last,
@@ -183,7 +183,7 @@ def bn_cooperative_backward(view: NQKView, plan: tuple, dy: torch.Tensor, mean: 
             args = (x, dy, residual, dx, dr, partial, sums, mean, stat, inv_counts, m, weight, bias, d_weight, d_bias,
                     tickets, view.N, view.Q, view.K, view.C, G, *view.strides, *dy_view.strides,
                     *(view.strides if r_view is None else r_view.strides), *dx_view.strides,
-                    *_mask_strides(mask if masked else None),
+                    *mask_strides(mask if masked else None),
                     *split_float(1.0 / max(view.per_channel, 1)), float(eps), *split_float(negative_slope))
             constexprs = dict(TRAINING=training, STAT_IS_VAR=not training, HAS_WEIGHT=weight is not None,
                               HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,

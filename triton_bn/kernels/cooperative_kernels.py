@@ -125,7 +125,8 @@ def _bn_cooperative_forward_kernel(
     if PHASE == 0 or PHASE == 2:
         # Each channel's owner merges its G parts in part order: the running statistics move once.
         _combine_channels(partial_ptr, G, C, C, G * C, channels, owned, mean_ptr, invstd_ptr,
-                          inv_counts_ptr=inv_counts_ptr, moments_ptr=None, running_mean_ptr=running_mean_ptr, running_var_ptr=running_var_ptr,
+                          inv_counts_ptr=inv_counts_ptr, moments_ptr=None, running_mean_ptr=running_mean_ptr,
+                          running_var_ptr=running_var_ptr,
                           num_batches_tracked_ptr=num_batches_tracked_ptr, momentum_hi=momentum_hi,
                           momentum_lo=momentum_lo, eps=eps, UPDATE_RUNNING=UPDATE_RUNNING,
                           CUMULATIVE_AVERAGE=CUMULATIVE_AVERAGE, WRITE_MOMENTS=False, BLOCK_P=BLOCK_P,

@@ -39,7 +39,8 @@ from .launch import Launch, fresh, tensor_key
 from .stats import acc_dtype, tl_dtype
 from .tickets import tickets as _tickets
 from .tuning import cdiv, onchip_tile
-from .view import NQKView, _addressing, addressing, empty_output, mergeable, nqk_view, output_geometry
+from .view import (NQKView, _addressing, addressing, empty_output, mask_strides, mergeable, nqk_view,
+                   output_geometry)
 
 
 @triton.jit
@@ -301,7 +302,7 @@ def bn_onchip_forward(view: NQKView, tile: tuple, weight: Optional[torch.Tensor]
     def build():
         args = (x, residual, y, mean, invstd, inv_counts, m, weight, bias, running_mean, running_var,
                 num_batches_tracked, ticket, view.N, view.Q, view.K, *view.strides,
-                *(view.strides if r_view is None else r_view.strides), *y_view.strides, *_mask_strides(mask),
+                *(view.strides if r_view is None else r_view.strides), *y_view.strides, *mask_strides(mask),
                 *split_float(0.0 if cumulative else momentum), float(eps), *split_float(negative_slope))
         constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
                           COUNT_STEP=count, CUMULATIVE_AVERAGE=cumulative, CHANNELS_LAST=view.channels_last,
@@ -336,10 +337,6 @@ def one_read_outputs(view: NQKView, dy: torch.Tensor, weight, bias, residual, ac
     return fused, bias, residual, dy_view, r_view, dx, dr, dx_view, d_weight, d_bias
 
 
-def _mask_strides(mask: Optional[NQKView]) -> tuple:
-    return (0, 0, 0) if mask is None else mask.strides
-
-
 def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                        weight: Optional[torch.Tensor], eps: float, training: bool, needs: tuple,
                        param_dtype: Optional[torch.dtype] = None, *, bias: Optional[torch.Tensor] = None,
@@ -370,7 +367,7 @@ def bn_onchip_backward(view: NQKView, tile: tuple, dy: torch.Tensor, mean: torch
         args = (x, dy, residual, dx, dr, mean, stat, inv_counts, m, weight, bias, d_weight, d_bias, view.N, view.Q,
                 view.K,
                 *view.strides, *dy_view.strides, *(view.strides if r_view is None else r_view.strides),
-                *dx_view.strides, *_mask_strides(mask if masked else None),
+                *dx_view.strides, *mask_strides(mask if masked else None),
                 *split_float(1.0 / max(view.per_channel, 1)), float(eps), *split_float(negative_slope))
         constexprs = dict(TRAINING=training, STAT_IS_VAR=not training, HAS_WEIGHT=weight is not None,
                           HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,

@@ -133,6 +133,11 @@ def mask_view(view: NQKView, mask: torch.Tensor) -> NQKView:
     return NQKView(mask, *geometry)
 
 
+def mask_strides(mask: Optional[NQKView]) -> tuple:
+    """A mask view's (n, q, k) strides as kernel arguments; zeros where there is no mask."""
+    return (0, 0, 0) if mask is None else mask.strides
+
+
 def empty_output(view: NQKView) -> torch.Tensor:
     """An uninitialized tensor of the view's shape for an output (y, dx) that the kernels can
     address: ``empty_like`` (the input's memory format) when its spatial dims merge, else a
